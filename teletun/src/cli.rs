@@ -1,0 +1,259 @@
+//! Command-line interface. Flags are accepted as the seed writes them
+//! (`-pod=NAME`, Go style) and GNU style (`--pod NAME`, `--pod=NAME`).
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+use ipnet::IpNet;
+
+/// An L3 VPN that makes this machine one pod of a Kubernetes cluster.
+#[derive(Debug, Parser)]
+#[command(name = "teletun", version, about, long_about = None, propagate_version = true)]
+pub struct Cli {
+    /// Log more (repeat for even more).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    /// What to run.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The roles and tools.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Connect this machine to a cluster as the server-cluster pod.
+    Client(ClientArgs),
+    /// Run the externally reachable half of the server (hostNetwork pod).
+    ServerExternal(ServerExternalArgs),
+    /// Run the in-cluster half of the server (the pod the client becomes).
+    ServerCluster(ServerClusterArgs),
+    /// Undo what dead `teletun client` instances left behind (DNS entries).
+    Cleanup,
+    /// Create a key pair: PREFIX.key (private, 0600) and PREFIX.pub.
+    Keygen(KeygenArgs),
+}
+
+/// `teletun client`.
+#[derive(Debug, Args)]
+pub struct ClientArgs {
+    /// kubeconfig to find the server with (Kubernetes discovery).
+    #[arg(long, value_name = "FILE")]
+    pub kubeconfig: Option<PathBuf>,
+    /// The server-external pod's name (Kubernetes discovery).
+    #[arg(long, value_name = "PODNAME")]
+    pub pod: Option<String>,
+    /// server-external's port (TCP and UDP).
+    #[arg(long, value_name = "PORT", value_parser = clap::value_parser!(u16).range(1..))]
+    pub port: u16,
+    /// The server's public key (PREFIX.pub from `teletun keygen`).
+    #[arg(long, value_name = "FILE")]
+    pub server_pubkey: PathBuf,
+    /// Our public key.
+    #[arg(long, value_name = "FILE")]
+    pub client_pubkey: PathBuf,
+    /// Our private key.
+    #[arg(long, value_name = "FILE")]
+    pub client_privkey: PathBuf,
+    /// Dial this address instead of asking Kubernetes where server-external runs.
+    #[arg(long, value_name = "ADDR")]
+    pub server_address: Option<IpAddr>,
+    /// Route this network into the tunnel (repeatable).
+    #[arg(long, value_name = "CIDR")]
+    pub route: Vec<IpNet>,
+    /// Do not register the cluster's DNS.
+    #[arg(long)]
+    pub no_dns: bool,
+    /// TUN device name; `%d` is replaced by the first free number.
+    #[arg(long, value_name = "NAME", default_value = "tel%d")]
+    pub tun_name: String,
+}
+
+/// `teletun server-external`.
+#[derive(Debug, Args)]
+pub struct ServerExternalArgs {
+    /// Port to listen on (TCP and UDP).
+    #[arg(long, value_name = "PORT", value_parser = clap::value_parser!(u16).range(1..))]
+    pub port: u16,
+    /// Our public key.
+    #[arg(long, value_name = "FILE")]
+    pub server_pubkey: PathBuf,
+    /// Our private key.
+    #[arg(long, value_name = "FILE")]
+    pub server_privkey: PathBuf,
+    /// The one client public key to accept.
+    #[arg(long, value_name = "FILE")]
+    pub client_pubkey: PathBuf,
+    /// server-cluster's AF_UNIX socket.
+    #[arg(long, value_name = "FILE")]
+    pub sockfile: PathBuf,
+    /// Address to listen on.
+    #[arg(long, value_name = "ADDR", default_value = "::")]
+    pub listen_address: IpAddr,
+    /// IP MTU of the path to clients; the tunnel fits its records into it.
+    #[arg(long, value_name = "BYTES", default_value_t = 1500, value_parser = clap::value_parser!(u16).range(1280..))]
+    pub path_mtu: u16,
+}
+
+/// `teletun server-cluster`.
+#[derive(Debug, Args)]
+pub struct ServerClusterArgs {
+    /// The AF_UNIX socket to listen on.
+    #[arg(long, value_name = "FILE")]
+    pub sockfile: PathBuf,
+    /// The pod's network interface [default: the one with the default route].
+    #[arg(long, value_name = "IFACE")]
+    pub interface: Option<String>,
+    /// The resolv.conf to hand to the client.
+    #[arg(long, value_name = "FILE", default_value = "/etc/resolv.conf")]
+    pub resolv_conf: PathBuf,
+    /// TUN MTU [default: the pod interface's MTU minus tunnel overhead].
+    #[arg(long, value_name = "BYTES", value_parser = clap::value_parser!(u16).range(1280..))]
+    pub mtu: Option<u16>,
+}
+
+/// `teletun keygen`.
+#[derive(Debug, Args)]
+pub struct KeygenArgs {
+    /// Write PREFIX.key and PREFIX.pub.
+    #[arg(long, value_name = "PREFIX")]
+    pub out: PathBuf,
+}
+
+/// Rewrites Go-style long flags (`-pod=x`, `-port 8`) to GNU style. A single
+/// dash followed by two or more characters is a long flag: TeleTUN has no
+/// bundled short flags. Everything after `--` is left alone.
+pub fn normalize_args<I: IntoIterator<Item = std::ffi::OsString>>(args: I) -> Vec<std::ffi::OsString> {
+    let mut out = Vec::new();
+    let mut rest_literal = false;
+    for (i, arg) in args.into_iter().enumerate() {
+        let s = arg.to_string_lossy();
+        if i == 0 || rest_literal {
+            out.push(arg);
+            continue;
+        }
+        if s == "--" {
+            rest_literal = true;
+            out.push(arg);
+            continue;
+        }
+        let name = s.split('=').next().unwrap_or("");
+        let go_style = name.len() > 2
+            && name.starts_with('-')
+            && !name.starts_with("--")
+            && name[1..].chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+            && name.as_bytes()[1].is_ascii_alphabetic();
+        if go_style {
+            let mut fixed = std::ffi::OsString::from("-");
+            fixed.push(&arg);
+            out.push(fixed);
+        } else {
+            out.push(arg);
+        }
+    }
+    out
+}
+
+/// The socket address server-external listens on.
+pub fn listen_addr(args: &ServerExternalArgs) -> SocketAddr {
+    SocketAddr::new(args.listen_address, args.port)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(normalize_args(args.iter().map(std::ffi::OsString::from)))
+    }
+
+    #[test]
+    fn seed_usage_lines_parse() {
+        let c = parse(&[
+            "teletun",
+            "client",
+            "-kubeconfig=/k",
+            "-pod=srv",
+            "-port=8443",
+            "-server-pubkey=s.pub",
+            "-client-pubkey=c.pub",
+            "-client-privkey=c.key",
+        ])
+        .unwrap();
+        let Command::Client(a) = c.command else {
+            panic!("not client")
+        };
+        assert_eq!((a.pod.as_deref(), a.port), (Some("srv"), 8443));
+        assert_eq!(a.kubeconfig, Some(PathBuf::from("/k")));
+        let c = parse(&[
+            "teletun",
+            "server-external",
+            "-port=1",
+            "-server-pubkey=s.pub",
+            "-server-privkey=s.key",
+            "-client-pubkey=c.pub",
+            "-sockfile=/run/x.sock",
+        ])
+        .unwrap();
+        assert!(matches!(c.command, Command::ServerExternal(_)));
+        let c = parse(&["teletun", "server-cluster", "-sockfile=/run/x.sock"]).unwrap();
+        assert!(matches!(c.command, Command::ServerCluster(_)));
+        assert!(matches!(
+            parse(&["teletun", "cleanup"]).unwrap().command,
+            Command::Cleanup
+        ));
+    }
+
+    #[test]
+    fn gnu_and_go_styles_mix() {
+        let c = parse(&[
+            "teletun",
+            "client",
+            "--port",
+            "9",
+            "-server-pubkey",
+            "s",
+            "--client-pubkey=c",
+            "-client-privkey=k",
+            "--server-address",
+            "10.0.0.1",
+            "-route=10.96.0.0/12",
+            "--route",
+            "fd00::/64",
+            "-v",
+        ])
+        .unwrap();
+        assert_eq!(c.verbose, 1);
+        let Command::Client(a) = c.command else {
+            panic!("not client")
+        };
+        assert_eq!(a.route.len(), 2);
+        assert_eq!(a.server_address, Some("10.0.0.1".parse().unwrap()));
+    }
+
+    #[test]
+    fn bad_input_is_an_error_not_a_panic() {
+        assert!(parse(&[
+            "teletun",
+            "client",
+            "-port=0",
+            "-server-pubkey=s",
+            "-client-pubkey=c",
+            "-client-privkey=k"
+        ])
+        .is_err());
+        assert!(parse(&["teletun", "client", "-port=99999"]).is_err());
+        assert!(parse(&["teletun", "client", "-port=x"]).is_err());
+        assert!(parse(&[
+            "teletun",
+            "client",
+            "-port=1",
+            "-server-pubkey=s",
+            "-client-pubkey=c",
+            "-client-privkey=k",
+            "-route=banana"
+        ])
+        .is_err());
+        assert!(parse(&["teletun", "frobnicate"]).is_err());
+    }
+}

@@ -1,0 +1,145 @@
+//! AF_UNIX `SOCK_SEQPACKET` between server-external and server-cluster: one IP
+//! packet per message, boundaries kept by the kernel.
+
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use socket2::{Domain, SockAddr, Socket, Type};
+
+use super::batch::PacketBatch;
+use super::{sys, PacketSink, PacketSource};
+
+/// One end of the AF_UNIX packet link.
+pub struct SeqPacket {
+    sock: Socket,
+}
+
+fn new_socket() -> io::Result<Socket> {
+    Socket::new(Domain::UNIX, Type::SEQPACKET.cloexec(), None)
+}
+
+/// Binds and listens at `path`, replacing a stale socket file that nobody
+/// listens on. Fails if another process is listening there.
+pub fn listen(path: &Path) -> Result<Socket> {
+    if path.exists() {
+        let probe = new_socket()?;
+        match probe.connect(&SockAddr::unix(path)?) {
+            Ok(()) => anyhow::bail!(
+                "another process already listens on {}; stop it or choose another --sockfile",
+                path.display()
+            ),
+            Err(_) => {
+                std::fs::remove_file(path).with_context(|| format!("cannot remove stale socket {}", path.display()))?
+            }
+        }
+    }
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create directory {}", dir.display()))?;
+    }
+    let s = new_socket()?;
+    s.bind(&SockAddr::unix(path)?)
+        .with_context(|| format!("cannot bind socket {}", path.display()))?;
+    s.listen(1)?;
+    Ok(s)
+}
+
+impl SeqPacket {
+    /// Wraps an accepted or connected socket and makes it non-blocking with big buffers.
+    pub fn new(sock: Socket) -> io::Result<Self> {
+        sock.set_nonblocking(true)?;
+        let _ = sock.set_send_buffer_size(4 << 20);
+        let _ = sock.set_recv_buffer_size(4 << 20);
+        Ok(SeqPacket { sock })
+    }
+
+    /// Connects to `path` once.
+    pub fn connect(path: &Path) -> io::Result<Self> {
+        let s = new_socket()?;
+        s.connect(&SockAddr::unix(path)?)?;
+        Self::new(s)
+    }
+
+    /// Sends one message, waiting for buffer room.
+    pub fn send_message(&self, msg: &[u8], timeout: Duration) -> io::Result<()> {
+        loop {
+            match self.sock.send(msg) {
+                Ok(_) => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if sys::wait(&[self.fd()], libc::POLLOUT, Some(timeout))?.is_none() {
+                        return Err(io::ErrorKind::TimedOut.into());
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Receives one message into `buf`, waiting up to `timeout`. Returns 0 at end
+    /// of stream; a message larger than `buf` is an error.
+    pub fn recv_message(&self, buf: &mut [u8], timeout: Duration) -> io::Result<usize> {
+        loop {
+            // SAFETY: recv into a live, writable buffer of buf.len() bytes.
+            let r = unsafe { libc::recv(self.fd(), buf.as_mut_ptr().cast(), buf.len(), libc::MSG_TRUNC) };
+            if r >= 0 {
+                let n = r as usize;
+                if n > buf.len() {
+                    return Err(io::Error::new(io::ErrorKind::InvalidData, "message too large"));
+                }
+                return Ok(n);
+            }
+            let e = io::Error::last_os_error();
+            match e.kind() {
+                io::ErrorKind::WouldBlock => {
+                    if sys::wait(&[self.fd()], libc::POLLIN, Some(timeout))?.is_none() {
+                        return Err(io::ErrorKind::TimedOut.into());
+                    }
+                }
+                io::ErrorKind::Interrupted => {}
+                _ => return Err(e),
+            }
+        }
+    }
+
+    fn fd(&self) -> RawFd {
+        self.sock.as_raw_fd()
+    }
+
+    /// Whether the peer has closed its end (checked without consuming data).
+    pub fn peer_closed(&self) -> bool {
+        let mut b = [0u8; 1];
+        // SAFETY: peek one byte into a live buffer.
+        let r = unsafe { libc::recv(self.fd(), b.as_mut_ptr().cast(), 1, libc::MSG_PEEK | libc::MSG_DONTWAIT) };
+        r == 0
+    }
+}
+
+impl PacketSource for Arc<SeqPacket> {
+    fn fd(&self) -> RawFd {
+        self.sock.as_raw_fd()
+    }
+
+    fn recv(&mut self, batch: &mut PacketBatch) -> io::Result<usize> {
+        let before = batch.len();
+        let (n, _truncated) = sys::recv_batch(self.sock.as_raw_fd(), batch)?;
+        // End of stream arrives as a zero-length message; no peer sends empty packets.
+        if (before..batch.len()).any(|i| batch.get(i).is_empty()) {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the AF_UNIX peer closed the socket",
+            ));
+        }
+        Ok(n)
+    }
+}
+
+impl PacketSink for Arc<SeqPacket> {
+    fn send(&mut self, batch: &PacketBatch) -> io::Result<usize> {
+        sys::send_batch(self.sock.as_raw_fd(), batch, None)?;
+        Ok(0)
+    }
+}

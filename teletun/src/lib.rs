@@ -1,0 +1,19 @@
+//! TeleTUN: an L3 VPN that makes a developer's machine one pod of a Kubernetes
+//! cluster. See `docs/architecture.md` for how the pieces fit.
+//!
+//! - [`proto`]: sans-IO codecs (control messages, IP packet inspection).
+//! - [`control`]: the TCP + TLS 1.3 control channel.
+//! - [`transport`]: the DTLS 1.2 data plane.
+//! - [`io`]: batched packet I/O (TUN, AF_UNIX, UDP) and pump threads.
+//! - [`netconf`]: addresses, routes, DNS registration, and the record of changes.
+//! - [`roles`]: `client`, `server-external`, `server-cluster`, `cleanup`, `keygen`.
+
+pub mod cli;
+pub mod control;
+pub mod crashpoint;
+pub mod io;
+pub mod keys;
+pub mod netconf;
+pub mod proto;
+pub mod roles;
+pub mod transport;

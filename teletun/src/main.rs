@@ -1,0 +1,112 @@
+//! The `teletun` binary: parse the command line, run a role, report one line on failure.
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+
+use anyhow::{bail, Result};
+use clap::Parser;
+use teletun::cli::{self, Cli, Command};
+use teletun::roles::{client, server_cluster, server_external};
+use teletun::{keys, roles};
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse_from(cli::normalize_args(std::env::args_os())) {
+        Ok(cli) => cli,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(
+                e.kind(),
+                ErrorKind::DisplayHelp
+                    | ErrorKind::DisplayVersion
+                    | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+            ) {
+                let _ = e.print();
+                return ExitCode::SUCCESS;
+            }
+            // One line: clap's first paragraph, joined, without its own "error: " prefix.
+            let text = e.render().to_string();
+            let first = text.split("\n\n").next().unwrap_or("invalid arguments");
+            let joined = first.split_whitespace().collect::<Vec<_>>().join(" ");
+            eprintln!("teletun: {} (try --help)", joined.trim_start_matches("error: "));
+            return ExitCode::from(2);
+        }
+    };
+    init_logging(cli.verbose);
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("teletun: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(verbose: u8) {
+    let level = match (verbose, std::env::var("TELETUN_LOG").ok().as_deref()) {
+        (0, Some("debug")) | (1, _) => tracing::Level::DEBUG,
+        (0, Some("trace")) | (2.., _) => tracing::Level::TRACE,
+        (0, Some("warn")) => tracing::Level::WARN,
+        _ => tracing::Level::INFO,
+    };
+    tracing_subscriber::fmt()
+        .with_max_level(level)
+        .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread().enable_all().build()?)
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Keygen(a) => roles::keygen::run(&a.out),
+        Command::Cleanup => runtime()?.block_on(roles::cleanup::run()),
+        Command::Client(a) => {
+            let identity = keys::load_identity(&a.client_privkey)?;
+            let own = keys::load_pinned(&a.client_pubkey)?;
+            keys::ensure_pair(&identity, &own, &a.client_privkey)?;
+            let server_key = keys::load_pinned(&a.server_pubkey)?;
+            let Some(address) = a.server_address else {
+                bail!(
+                    "finding the server through Kubernetes (-pod{}) is not available yet; pass --server-address ADDR and --route CIDR",
+                    a.pod.map(|p| format!("={p}")).unwrap_or_default()
+                );
+            };
+            let config = client::ClientConfig {
+                server: SocketAddr::new(address, a.port),
+                identity,
+                identity_path: a.client_privkey,
+                server_key,
+                routes: a.route,
+                tun_name: a.tun_name,
+                no_dns: a.no_dns,
+            };
+            runtime()?.block_on(client::run(config))
+        }
+        Command::ServerExternal(a) => {
+            let identity = keys::load_identity(&a.server_privkey)?;
+            let own = keys::load_pinned(&a.server_pubkey)?;
+            keys::ensure_pair(&identity, &own, &a.server_privkey)?;
+            let client_key = keys::load_pinned(&a.client_pubkey)?;
+            let listen = cli::listen_addr(&a);
+            let v6 = listen.is_ipv6();
+            let config = server_external::ServerExternalConfig {
+                listen,
+                identity,
+                client_key,
+                sockfile: a.sockfile,
+                path_mtu: teletun::transport::dtls::udp_payload(usize::from(a.path_mtu), v6),
+            };
+            runtime()?.block_on(server_external::run(config))
+        }
+        Command::ServerCluster(a) => runtime()?.block_on(server_cluster::run(server_cluster::ServerClusterConfig {
+            sockfile: a.sockfile,
+            interface: a.interface,
+            resolv_conf: a.resolv_conf,
+            mtu: a.mtu,
+        })),
+    }
+}

@@ -1,0 +1,359 @@
+//! Addresses, routes and policy rules over rtnetlink.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use anyhow::{Context, Result};
+use futures::TryStreamExt;
+use ipnet::IpNet;
+use rtnetlink::packet_route::address::{AddressAttribute, AddressFlags, AddressHeaderFlags};
+use rtnetlink::packet_route::neighbour::NeighbourFlags;
+use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteMessage, RouteType};
+use rtnetlink::packet_route::rule::{RuleAction, RuleAttribute, RuleMessage};
+use rtnetlink::packet_route::AddressFamily;
+use rtnetlink::{Handle, IpVersion, RouteMessageBuilder};
+
+/// The kernel's `local` routing table.
+pub const TABLE_LOCAL: u32 = 255;
+/// The kernel's `main` routing table.
+pub const TABLE_MAIN: u32 = 254;
+
+/// A route as read back from the kernel (only what TeleTUN looks at).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Route {
+    /// Destination network.
+    pub destination: IpNet,
+    /// Output interface index, if any.
+    pub oif: Option<u32>,
+    /// Gateway, if any.
+    pub gateway: Option<IpAddr>,
+    /// Routing table.
+    pub table: u32,
+    /// Unicast, local, blackhole, …
+    pub kind: RouteType,
+}
+
+/// A policy rule as read back from the kernel.
+#[derive(Clone, Debug)]
+pub struct Rule {
+    /// Rule priority.
+    pub priority: u32,
+    /// Table it looks up.
+    pub table: u32,
+    /// The raw message, to delete it exactly.
+    pub message: RuleMessage,
+}
+
+/// A connection to the kernel's routing subsystem.
+#[derive(Clone)]
+pub struct Netlink {
+    handle: Handle,
+}
+
+impl Netlink {
+    /// Opens a netlink socket (the connection runs on the current tokio runtime).
+    pub fn connect() -> Result<Self> {
+        let (conn, handle, _) = rtnetlink::new_connection().context("cannot open a netlink socket")?;
+        tokio::spawn(conn);
+        Ok(Netlink { handle })
+    }
+
+    /// The index of the interface called `name`, if it exists.
+    pub async fn link_index(&self, name: &str) -> Result<Option<u32>> {
+        let mut links = self.handle.link().get().match_name(name.to_string()).execute();
+        match links.try_next().await {
+            Ok(Some(link)) => Ok(Some(link.header.index)),
+            Ok(None) => Ok(None),
+            // ENODEV: no such link.
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(None),
+            Err(e) => Err(e).with_context(|| format!("cannot look up interface {name}")),
+        }
+    }
+
+    /// Adds `address/prefix` to interface `index`. IPv6 addresses skip duplicate
+    /// address detection so they are usable at once.
+    pub async fn add_address(&self, index: u32, address: IpAddr, prefix: u8) -> Result<()> {
+        let mut req = self.handle.address().add(index, address, prefix);
+        if address.is_ipv6() {
+            let msg = req.message_mut();
+            msg.header.flags |= AddressHeaderFlags::Nodad;
+            msg.attributes.push(AddressAttribute::Flags(AddressFlags::Nodad));
+        }
+        req.execute()
+            .await
+            .with_context(|| format!("cannot add address {address}/{prefix}"))
+    }
+
+    /// The addresses on interface `index`, with prefix lengths.
+    pub async fn addresses(&self, index: u32) -> Result<Vec<(IpAddr, u8)>> {
+        let msgs: Vec<_> = self
+            .handle
+            .address()
+            .get()
+            .set_link_index_filter(index)
+            .execute()
+            .try_collect()
+            .await
+            .context("cannot list addresses")?;
+        Ok(msgs
+            .into_iter()
+            .filter_map(|m| {
+                let prefix = m.header.prefix_len;
+                m.attributes.into_iter().find_map(|a| match a {
+                    AddressAttribute::Address(ip) => Some((ip, prefix)),
+                    _ => None,
+                })
+            })
+            .collect())
+    }
+
+    /// Routes `destination` to interface `index` (main table).
+    pub async fn add_route(&self, destination: IpNet, index: u32) -> Result<()> {
+        self.add_route_in(destination, index, TABLE_MAIN).await
+    }
+
+    /// Routes `destination` to interface `index` in `table`.
+    pub async fn add_route_in(&self, destination: IpNet, index: u32, table: u32) -> Result<()> {
+        let msg = route_message(destination, index, table);
+        self.handle
+            .route()
+            .add(msg)
+            .execute()
+            .await
+            .with_context(|| format!("cannot add route {destination}"))
+    }
+
+    /// Removes a route to `destination` via interface `index` in `table`.
+    pub async fn del_route_in(&self, destination: IpNet, index: u32, table: u32) -> Result<()> {
+        let msg = route_message(destination, index, table);
+        self.handle
+            .route()
+            .del(msg)
+            .execute()
+            .await
+            .with_context(|| format!("cannot remove route {destination}"))
+    }
+
+    /// All routes of one family in all tables.
+    pub async fn routes(&self, v6: bool) -> Result<Vec<Route>> {
+        let query = if v6 {
+            RouteMessageBuilder::<Ipv6Addr>::new().table_id(0).build()
+        } else {
+            RouteMessageBuilder::<Ipv4Addr>::new().table_id(0).build()
+        };
+        let msgs: Vec<RouteMessage> = self
+            .handle
+            .route()
+            .get(query)
+            .execute()
+            .try_collect()
+            .await
+            .context("cannot list routes")?;
+        Ok(msgs.into_iter().filter_map(parse_route).collect())
+    }
+
+    /// The policy rules of one family.
+    pub async fn rules(&self, v6: bool) -> Result<Vec<Rule>> {
+        let version = if v6 { IpVersion::V6 } else { IpVersion::V4 };
+        let msgs: Vec<RuleMessage> = self
+            .handle
+            .rule()
+            .get(version)
+            .execute()
+            .try_collect()
+            .await
+            .context("cannot list policy rules")?;
+        Ok(msgs
+            .into_iter()
+            .map(|m| {
+                let priority = m
+                    .attributes
+                    .iter()
+                    .find_map(|a| match a {
+                        RuleAttribute::Priority(p) => Some(*p),
+                        _ => None,
+                    })
+                    .unwrap_or(0);
+                let table = m
+                    .attributes
+                    .iter()
+                    .find_map(|a| match a {
+                        RuleAttribute::Table(t) => Some(*t),
+                        _ => None,
+                    })
+                    .unwrap_or(u32::from(m.header.table));
+                Rule {
+                    priority,
+                    table,
+                    message: m,
+                }
+            })
+            .collect())
+    }
+
+    /// Adds a rule: at `priority`, packets (optionally only those arriving on
+    /// `iif`, optionally only to `destination`) look up `table`.
+    pub async fn add_rule(
+        &self,
+        v6: bool,
+        priority: u32,
+        table: u32,
+        iif: Option<&str>,
+        destination: Option<IpNet>,
+    ) -> Result<()> {
+        let mut req = self
+            .handle
+            .rule()
+            .add()
+            .priority(priority)
+            .table_id(table)
+            .action(RuleAction::ToTable);
+        if let Some(iif) = iif {
+            req = req.input_interface(iif);
+        }
+        let result = match (v6, destination) {
+            (_, Some(IpNet::V4(n))) => req.v4().destination_prefix(n.addr(), n.prefix_len()).execute().await,
+            (_, Some(IpNet::V6(n))) => req.v6().destination_prefix(n.addr(), n.prefix_len()).execute().await,
+            (false, None) => req.v4().execute().await,
+            (true, None) => req.v6().execute().await,
+        };
+        result.with_context(|| format!("cannot add policy rule {priority} (table {table})"))
+    }
+
+    /// Deletes a rule read with [`Self::rules`].
+    pub async fn del_rule(&self, rule: &Rule) -> Result<()> {
+        self.handle
+            .rule()
+            .del(rule.message.clone())
+            .execute()
+            .await
+            .with_context(|| format!("cannot delete policy rule {}", rule.priority))
+    }
+
+    /// Removes `address/prefix` from interface `index`.
+    pub async fn del_address(&self, index: u32, address: IpAddr, prefix: u8) -> Result<()> {
+        let mut msgs = self
+            .handle
+            .address()
+            .get()
+            .set_link_index_filter(index)
+            .set_address_filter(address)
+            .set_prefix_length_filter(prefix)
+            .execute();
+        while let Some(m) = msgs.try_next().await.context("cannot list addresses")? {
+            self.handle
+                .address()
+                .del(m)
+                .execute()
+                .await
+                .with_context(|| format!("cannot remove address {address}/{prefix}"))?;
+        }
+        Ok(())
+    }
+
+    /// Makes interface `index` answer neighbour solicitations for `address`
+    /// (proxy ARP/NDP entry; needs `proxy_ndp` for IPv6).
+    pub async fn add_proxy_neighbour(&self, index: u32, address: IpAddr) -> Result<()> {
+        self.handle
+            .neighbours()
+            .add(index, address)
+            .flags(NeighbourFlags::Proxy)
+            .execute()
+            .await
+            .with_context(|| format!("cannot add proxy neighbour entry for {address}"))
+    }
+
+    /// Removes a proxy entry added with [`Self::add_proxy_neighbour`].
+    pub async fn del_proxy_neighbour(&self, index: u32, address: IpAddr) -> Result<()> {
+        let mut add = self
+            .handle
+            .neighbours()
+            .add(index, address)
+            .flags(NeighbourFlags::Proxy);
+        let msg = add.message_mut().clone();
+        self.handle
+            .neighbours()
+            .del(msg)
+            .execute()
+            .await
+            .with_context(|| format!("cannot remove proxy neighbour entry for {address}"))
+    }
+
+    /// Routes `destination` to interface `index` in the main table with metric
+    /// `metric`, so it can be told apart from the kernel's own routes.
+    pub async fn add_route_metric(&self, destination: IpNet, index: u32, metric: u32) -> Result<()> {
+        let mut msg = route_message(destination, index, TABLE_MAIN);
+        msg.attributes.push(RouteAttribute::Priority(metric));
+        self.handle
+            .route()
+            .add(msg)
+            .execute()
+            .await
+            .with_context(|| format!("cannot add route {destination}"))
+    }
+
+    /// Removes a route added with [`Self::add_route_metric`].
+    pub async fn del_route_metric(&self, destination: IpNet, index: u32, metric: u32) -> Result<()> {
+        let mut msg = route_message(destination, index, TABLE_MAIN);
+        msg.attributes.push(RouteAttribute::Priority(metric));
+        self.handle
+            .route()
+            .del(msg)
+            .execute()
+            .await
+            .with_context(|| format!("cannot remove route {destination}"))
+    }
+
+    /// Deletes interface `index`.
+    pub async fn del_link(&self, index: u32) -> Result<()> {
+        self.handle
+            .link()
+            .del(index)
+            .execute()
+            .await
+            .context("cannot delete interface")
+    }
+}
+
+fn route_message(destination: IpNet, index: u32, table: u32) -> RouteMessage {
+    match destination {
+        IpNet::V4(n) => RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(n.network(), n.prefix_len())
+            .output_interface(index)
+            .table_id(table)
+            .build(),
+        IpNet::V6(n) => RouteMessageBuilder::<Ipv6Addr>::new()
+            .destination_prefix(n.network(), n.prefix_len())
+            .output_interface(index)
+            .table_id(table)
+            .build(),
+    }
+}
+
+fn parse_route(m: RouteMessage) -> Option<Route> {
+    let v6 = m.header.address_family == AddressFamily::Inet6;
+    let mut dst: Option<IpAddr> = None;
+    let (mut oif, mut gateway, mut table) = (None, None, u32::from(m.header.table));
+    for a in &m.attributes {
+        match a {
+            RouteAttribute::Destination(RouteAddress::Inet(ip)) => dst = Some((*ip).into()),
+            RouteAttribute::Destination(RouteAddress::Inet6(ip)) => dst = Some((*ip).into()),
+            RouteAttribute::Gateway(RouteAddress::Inet(ip)) => gateway = Some((*ip).into()),
+            RouteAttribute::Gateway(RouteAddress::Inet6(ip)) => gateway = Some((*ip).into()),
+            RouteAttribute::Oif(i) => oif = Some(*i),
+            RouteAttribute::Table(t) => table = *t,
+            _ => {}
+        }
+    }
+    let dst = dst.unwrap_or(if v6 {
+        Ipv6Addr::UNSPECIFIED.into()
+    } else {
+        Ipv4Addr::UNSPECIFIED.into()
+    });
+    Some(Route {
+        destination: IpNet::new(dst, m.header.destination_prefix_length).ok()?,
+        oif,
+        gateway,
+        table,
+        kind: m.header.kind,
+    })
+}

@@ -1,0 +1,4 @@
+//! Sans-IO codecs: no sockets, no async runtime; pure functions and state machines.
+
+pub mod control;
+pub mod packet;

@@ -1,0 +1,313 @@
+//! `teletun client`: connect to server-external, become the server-cluster pod
+//! on a local TUN device, and undo every change on the way out.
+
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use ipnet::IpNet;
+use tokio::net::TcpStream;
+use tokio::signal::unix::{signal, SignalKind};
+use tracing::{info, warn};
+
+use crate::control::channel::{self, read_greeting};
+use crate::control::tls::{self, KeyMismatch};
+use crate::io::pump::{DataPlane, Direction};
+use crate::io::tun::Tun;
+use crate::keys::{Identity, PinnedKey};
+use crate::netconf::dns;
+use crate::netconf::netlink::Netlink;
+use crate::netconf::record::Record;
+use crate::proto::control::{Hello, ServerGreeting};
+use crate::transport::dtls::{self, DtlsError, DtlsSession, Role, DTLS_OVERHEAD};
+use crate::transport::link::DtlsLink;
+
+use super::cleanup;
+
+/// Everything `teletun client` needs, already validated by the CLI.
+pub struct ClientConfig {
+    /// server-external's address (TCP and UDP, same port).
+    pub server: SocketAddr,
+    /// Our key.
+    pub identity: Identity,
+    /// Where our private key came from (for messages).
+    pub identity_path: std::path::PathBuf,
+    /// The server key to accept.
+    pub server_key: PinnedKey,
+    /// Networks to route into the tunnel.
+    pub routes: Vec<IpNet>,
+    /// TUN name pattern, `tel%d` by default.
+    pub tun_name: String,
+    /// Skip DNS registration.
+    pub no_dns: bool,
+}
+
+/// How long to wait for TCP connect, TLS and the greeting.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why the session ended.
+#[derive(Debug)]
+enum End {
+    Signal(&'static str),
+    ServerClosed,
+    ControlFailed(String),
+    DataPlane(String),
+}
+
+/// SIGINT and SIGTERM as one stream.
+struct Signals {
+    int: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> Result<Self> {
+        Ok(Signals {
+            int: signal(SignalKind::interrupt())?,
+            term: signal(SignalKind::terminate())?,
+        })
+    }
+
+    async fn next(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.int.recv() => "SIGINT",
+            _ = self.term.recv() => "SIGTERM",
+        }
+    }
+}
+
+/// What this run changed, so it can be undone.
+#[derive(Default)]
+struct Changes {
+    record: Option<Record>,
+    tun: Option<Arc<Tun>>,
+}
+
+/// Runs the client until a signal or the server ends the session.
+pub async fn run(config: ClientConfig) -> Result<()> {
+    // Undo what dead instances left before adding anything.
+    cleanup::undo_dead_instances(false).await?;
+    let mut signals = Signals::new()?;
+    let mut changes = Changes::default();
+    // A signal during set-up drops `session` at its current step; `undo` follows.
+    let outcome = session(&config, &mut changes, &mut signals).await;
+    let undo = undo(&mut changes).await;
+    let end = outcome?;
+    undo?;
+    match end {
+        End::Signal(sig) => {
+            info!("stopped by {sig}; removed the tunnel and its DNS entry");
+            Ok(())
+        }
+        End::ServerClosed => {
+            bail!("the server ended the session (control connection closed); removed the tunnel and its DNS entry")
+        }
+        End::ControlFailed(e) => bail!(
+            "lost the control connection to {}: {e}; removed the tunnel and its DNS entry",
+            config.server
+        ),
+        End::DataPlane(e) => bail!("the data plane failed: {e}; removed the tunnel and its DNS entry"),
+    }
+}
+
+async fn undo(changes: &mut Changes) -> Result<()> {
+    let mut first_error = None;
+    if let Some(record) = &changes.record {
+        if record.dns_registered {
+            if let Err(e) = dns::unregister(&record.iface).await {
+                warn!("{e:#}");
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    crate::crashpoint::reached("mid-teardown");
+    // Closing the last descriptor deletes the TUN device, and its addresses and routes with it.
+    changes.tun = None;
+    if let Some(record) = changes.record.take() {
+        if let Err(e) = record.remove() {
+            first_error.get_or_insert(e);
+        }
+    }
+    first_error.map_or(Ok(()), Err)
+}
+
+fn explain_tls(e: std::io::Error, config: &ClientConfig) -> anyhow::Error {
+    match tls::key_mismatch(&e) {
+        Some(KeyMismatch::PeerKeyNotPinned) => anyhow!(
+            "the server at {} presented a key that is not the server public key {}; check --server-pubkey",
+            config.server,
+            config.server_key.path.display()
+        ),
+        Some(KeyMismatch::OurKeyRefused) => anyhow!(
+            "the server at {} refused our client key ({}): it pins a different client public key; check the server's --client-pubkey",
+            config.server,
+            config.identity_path.display()
+        ),
+        None => anyhow!("TLS with {} failed: {e}", config.server),
+    }
+}
+
+/// A running tunnel.
+struct Tunnel {
+    control: tokio_rustls::client::TlsStream<TcpStream>,
+    link: DtlsLink,
+    plane: DataPlane,
+}
+
+async fn session(config: &ClientConfig, changes: &mut Changes, signals: &mut Signals) -> Result<End> {
+    let Tunnel {
+        mut control,
+        link,
+        mut plane,
+    } = tokio::select! {
+        t = establish(config, changes) => t?,
+        sig = signals.next() => return Ok(End::Signal(sig)),
+    };
+    crate::crashpoint::reached("mid-traffic");
+    let end = tokio::select! {
+        sig = signals.next() => End::Signal(sig),
+        r = channel::wait_closed(&mut control) => match r {
+            Ok(_) => End::ServerClosed,
+            Err(e) => End::ControlFailed(format!("{e:#}")),
+        },
+        exit = plane.ended() => match exit.result {
+            // close_notify: the server ends the session (its TLS close follows).
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => End::ServerClosed,
+            Ok(()) => End::DataPlane(format!("{} stopped", exit.name)),
+            Err(e) => End::DataPlane(format!("{}: {e}", exit.name)),
+        },
+    };
+    link.close();
+    info!(
+        "session ends; to server: {}; from server: {}",
+        plane.outbound.summary(),
+        plane.inbound.summary()
+    );
+    tokio::task::spawn_blocking(move || plane.stop()).await?;
+    if matches!(end, End::Signal(_)) {
+        // Tell the server we are leaving (TLS close_notify, then FIN).
+        let _ = tokio::time::timeout(Duration::from_secs(1), tokio::io::AsyncWriteExt::shutdown(&mut control)).await;
+    }
+    Ok(end)
+}
+
+/// Connects, sets up DTLS, then configures this machine and starts the data plane.
+async fn establish(config: &ClientConfig, changes: &mut Changes) -> Result<Tunnel> {
+    // 1. Control channel.
+    let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(config.server))
+        .await
+        .map_err(|_| {
+            anyhow!(
+                "no answer from {} within {CONNECT_TIMEOUT:?}; is server-external running and reachable?",
+                config.server
+            )
+        })?
+        .with_context(|| format!("cannot connect to {}", config.server))?;
+    channel::tune_tcp(&tcp)?;
+    let connector = tokio_rustls::TlsConnector::from(tls::client_config(&config.identity, config.server_key.clone())?);
+    let name = rustls::pki_types::ServerName::try_from(tls::SERVER_NAME).expect("static name is valid");
+    let mut control = tokio::time::timeout(CONNECT_TIMEOUT, connector.connect(name, tcp))
+        .await
+        .map_err(|_| anyhow!("TLS handshake with {} timed out", config.server))?
+        .map_err(|e| explain_tls(e, config))?;
+    let greeting = tokio::time::timeout(CONNECT_TIMEOUT, read_greeting(&mut control))
+        .await
+        .map_err(|_| anyhow!("{} sent no addresses within {CONNECT_TIMEOUT:?}", config.server))?
+        .map_err(|e| match e.downcast::<std::io::Error>() {
+            Ok(io) => explain_tls(io, config),
+            Err(e) => e,
+        })?;
+    let hello = match greeting {
+        ServerGreeting::Hello(h) => h,
+        ServerGreeting::Refused(why) => bail!("the server at {} refused the session: {why}", config.server),
+    };
+    info!("connected to {}: {hello}", config.server);
+
+    // 2. Data plane handshake, before touching this machine's configuration.
+    let bind: SocketAddr = if config.server.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }.parse()?;
+    let udp = dtls::udp_socket(bind)?;
+    udp.connect(&config.server.into())
+        .with_context(|| format!("cannot reach {} over UDP", config.server))?;
+    let path_mtu = dtls::path_mtu(&udp, config.server.is_ipv6())?;
+    let payload = dtls::udp_payload(path_mtu, config.server.is_ipv6());
+    let mut session = DtlsSession::new(Role::Client, &config.identity, config.server_key.clone(), payload, None)?;
+    let udp = Arc::new(udp);
+    let fd = udp.as_raw_fd();
+    let (session, result) = tokio::task::spawn_blocking(move || {
+        let r = session.handshake(fd, None, None);
+        (session, r)
+    })
+    .await?;
+    match result {
+        Ok(_) => {}
+        Err(DtlsError::PeerKeyNotPinned(p)) => bail!("the server's DTLS key is not the server public key {p}"),
+        Err(DtlsError::OurKeyRefused) => bail!("the server refused our client key in the DTLS handshake"),
+        Err(e) => bail!("DTLS handshake with {} failed: {e}", config.server),
+    }
+    let tun_mtu = payload - DTLS_OVERHEAD;
+    info!("DTLS up; path MTU {path_mtu}, tunnel MTU {tun_mtu}");
+
+    // 3. The TUN device, its addresses, routes and DNS.
+    let tun = Arc::new(Tun::create(
+        &config.tun_name,
+        u16::try_from(tun_mtu).unwrap_or(u16::MAX),
+    )?);
+    let record = Record::for_self(tun.name());
+    record.save()?;
+    changes.record = Some(record.clone());
+    changes.tun = Some(tun.clone());
+    crate::crashpoint::reached("after-tun");
+    configure(config, &hello, &tun, changes).await?;
+    let link = DtlsLink::new(session, udp, None);
+    let plane = DataPlane::start(
+        Direction {
+            name: "tun→dtls",
+            source: tun.clone(),
+            sink: link.sink(),
+            check_packets: false,
+        },
+        Direction {
+            name: "dtls→tun",
+            source: link.source(),
+            sink: tun.clone(),
+            check_packets: true,
+        },
+    )?;
+    info!("tunnel {} is up", tun.name());
+    Ok(Tunnel { control, link, plane })
+}
+
+async fn configure(config: &ClientConfig, hello: &Hello, tun: &Tun, changes: &mut Changes) -> Result<()> {
+    let netlink = Netlink::connect()?;
+    let index = tun.index()?;
+    for &address in &hello.addresses {
+        let prefix = if address.is_ipv4() { 32 } else { 128 };
+        netlink.add_address(index, address, prefix).await?;
+    }
+    crate::crashpoint::reached("after-addresses");
+    let has_v6 = hello.addresses.iter().any(IpAddr::is_ipv6);
+    for &route in &config.routes {
+        if route.addr().is_ipv6() && !has_v6 {
+            warn!("skipping IPv6 route {route}: the pod has no IPv6 address");
+            continue;
+        }
+        if route.contains(&config.server.ip()) {
+            bail!(
+                "route {route} contains the server address {}: routing it into the tunnel would cut the tunnel itself",
+                config.server.ip()
+            );
+        }
+        netlink.add_route(route, index).await?;
+    }
+    crate::crashpoint::reached("after-routes");
+    if !config.no_dns {
+        let record = changes.record.as_mut().expect("record exists once the TUN does");
+        record.dns_registered = true;
+        record.save()?;
+        dns::register(tun.name(), &hello.resolv_conf).await?;
+        crate::crashpoint::reached("after-dns");
+    }
+    Ok(())
+}

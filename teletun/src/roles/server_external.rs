@@ -1,0 +1,281 @@
+//! `teletun server-external`: accepts one client at a time over TCP+TLS and
+//! UDP+DTLS on the same port, and relays its packets to server-cluster over the
+//! AF_UNIX socket.
+
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{anyhow, Context, Result};
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::control::channel;
+use crate::control::tls::{self, KeyMismatch};
+use crate::io::pump::{DataPlane, Direction};
+use crate::io::seqpacket::SeqPacket;
+use crate::keys::{Identity, PinnedKey};
+use crate::proto::control::{
+    encode_refusal, Hello, HelloDecoder, ServerGreeting, MAX_ADDRESSES_LEN, MAX_RESOLV_CONF_LEN,
+};
+use crate::transport::dtls::{self, DtlsError, DtlsSession, Role};
+use crate::transport::link::DtlsLink;
+
+/// Everything `teletun server-external` needs, already validated by the CLI.
+pub struct ServerExternalConfig {
+    /// Address to listen on (TCP and UDP).
+    pub listen: SocketAddr,
+    /// Our key.
+    pub identity: Identity,
+    /// The one client key we accept.
+    pub client_key: PinnedKey,
+    /// server-cluster's AF_UNIX socket.
+    pub sockfile: PathBuf,
+    /// UDP payload size the data plane assumes for the path to clients.
+    pub path_mtu: usize,
+}
+
+/// server-cluster as last seen: its link and greeting, or nothing.
+type ClusterState = Option<(Arc<SeqPacket>, Hello)>;
+
+struct Shared {
+    config: ServerExternalConfig,
+    udp: Arc<socket2::Socket>,
+    /// The client being served, if any.
+    busy: Mutex<Option<SocketAddr>>,
+    cluster: watch::Sender<ClusterState>,
+}
+
+/// Runs until SIGINT or SIGTERM.
+pub async fn run(config: ServerExternalConfig) -> Result<()> {
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen on TCP {}", config.listen))?;
+    let udp = Arc::new(dtls::udp_socket(config.listen)?);
+    info!(
+        "listening on TCP and UDP {}; server-cluster socket {}",
+        config.listen,
+        config.sockfile.display()
+    );
+    let (cluster, _) = watch::channel(None);
+    let shared = Arc::new(Shared {
+        config,
+        udp,
+        busy: Mutex::new(None),
+        cluster,
+    });
+    tokio::spawn(keep_cluster_connected(shared.clone()));
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sigterm = signal(SignalKind::terminate())?;
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((tcp, peer)) => {
+                    let shared = shared.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = serve(shared, tcp, peer).await {
+                            warn!("client {peer}: {e:#}");
+                        }
+                    });
+                }
+                Err(e) => warn!("accept failed: {e}"),
+            },
+            _ = sigint.recv() => break,
+            _ = sigterm.recv() => break,
+        }
+    }
+    info!("stopping");
+    Ok(())
+}
+
+/// Connects to server-cluster (retrying until it is there), reads its
+/// greeting, and reconnects whenever the link is lost.
+async fn keep_cluster_connected(shared: Arc<Shared>) {
+    let mut announced = false;
+    loop {
+        if shared.cluster.borrow().is_none() {
+            match connect_cluster(&shared.config.sockfile).await {
+                Ok((link, hello)) => {
+                    info!("server-cluster connected: {hello}");
+                    announced = false;
+                    shared.cluster.send_replace(Some((Arc::new(link), hello)));
+                }
+                Err(e) => {
+                    if !announced {
+                        info!(
+                            "waiting for server-cluster at {}: {e:#}",
+                            shared.config.sockfile.display()
+                        );
+                        announced = true;
+                    }
+                }
+            }
+        } else {
+            // Notice a departure even while no client is connected.
+            let gone = shared.cluster.borrow().as_ref().is_some_and(|(l, _)| l.peer_closed());
+            let idle = shared.busy.lock().map(|b| b.is_none()).unwrap_or(false);
+            if gone && idle {
+                warn!("server-cluster went away; waiting for it to come back");
+                shared.cluster.send_replace(None);
+                continue;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn connect_cluster(path: &std::path::Path) -> Result<(SeqPacket, Hello)> {
+    let path = path.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let link = SeqPacket::connect(&path)?;
+        let mut buf = vec![0u8; MAX_ADDRESSES_LEN + MAX_RESOLV_CONF_LEN + 8];
+        let n = link
+            .recv_message(&mut buf, Duration::from_secs(5))
+            .context("no greeting from server-cluster")?;
+        if n == 0 {
+            return Err(anyhow!("server-cluster closed the socket before its greeting"));
+        }
+        match HelloDecoder::new().feed(&buf[..n])? {
+            Some((ServerGreeting::Hello(h), used)) if used == n => Ok((link, h)),
+            Some((ServerGreeting::Refused(why), _)) => Err(anyhow!("server-cluster refused: {why}")),
+            _ => Err(anyhow!("server-cluster sent a malformed greeting")),
+        }
+    })
+    .await?
+}
+
+async fn refuse<S: tokio::io::AsyncWrite + Unpin>(stream: &mut S, why: &str) -> Result<()> {
+    stream.write_all(&encode_refusal(why)).await?;
+    stream.shutdown().await?;
+    Ok(())
+}
+
+async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) -> Result<()> {
+    channel::tune_tcp(&tcp)?;
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls::server_config(
+        &shared.config.identity,
+        shared.config.client_key.clone(),
+    )?);
+    let mut control = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+        Err(_) => return Err(anyhow!("TLS handshake timed out")),
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            return Err(match tls::key_mismatch(&e) {
+                Some(KeyMismatch::PeerKeyNotPinned) => anyhow!(
+                    "refused: the client's key is not the client public key {}",
+                    shared.config.client_key.path.display()
+                ),
+                Some(KeyMismatch::OurKeyRefused) => {
+                    anyhow!("the client refused our server key: it pins a different server public key")
+                }
+                None => anyhow!("TLS handshake failed: {e}"),
+            })
+        }
+    };
+    // One client at a time.
+    let current = {
+        let mut busy = shared.busy.lock().map_err(|_| anyhow!("state lock poisoned"))?;
+        let current = *busy;
+        if current.is_none() {
+            *busy = Some(peer);
+        }
+        current
+    };
+    if let Some(current) = current {
+        info!("refusing {peer}: already serving {current}");
+        return refuse(
+            &mut control,
+            &format!("busy: this server already serves a client ({current}); it serves one client at a time"),
+        )
+        .await;
+    }
+    let result = serve_session(&shared, &mut control, peer).await;
+    if let Ok(mut b) = shared.busy.lock() {
+        *b = None;
+    }
+    let _ = control.shutdown().await;
+    result
+}
+
+async fn serve_session(
+    shared: &Arc<Shared>,
+    control: &mut tokio_rustls::server::TlsStream<TcpStream>,
+    peer: SocketAddr,
+) -> Result<()> {
+    let Some((cluster, hello)) = shared.cluster.borrow().clone() else {
+        return refuse(
+            control,
+            &format!(
+                "server-cluster is not connected (socket {}); try again when it runs",
+                shared.config.sockfile.display()
+            ),
+        )
+        .await;
+    };
+    control.write_all(&hello.encode()?).await?;
+    control.flush().await?;
+    info!("session for {peer} started: sent {hello}");
+
+    let mut session = DtlsSession::new(
+        Role::Server,
+        &shared.config.identity,
+        shared.config.client_key.clone(),
+        shared.config.path_mtu,
+        Some(peer),
+    )?;
+    let fd = shared.udp.as_raw_fd();
+    let (session, result) = tokio::task::spawn_blocking(move || {
+        let r = session.handshake(fd, Some(peer), None);
+        (session, r)
+    })
+    .await?;
+    let udp_peer = match result {
+        Ok(Some(p)) => p,
+        Ok(None) => return Err(anyhow!("DTLS handshake ended without a peer address")),
+        Err(DtlsError::PeerKeyNotPinned(p)) => return Err(anyhow!("refused DTLS: the client's key is not {p}")),
+        Err(e) => return Err(anyhow!("DTLS handshake with {peer} failed: {e}")),
+    };
+    let link = DtlsLink::new(session, shared.udp.clone(), Some(udp_peer));
+    let mut plane = DataPlane::start(
+        Direction {
+            name: "cluster→dtls",
+            source: cluster.clone(),
+            sink: link.sink(),
+            check_packets: true,
+        },
+        Direction {
+            name: "dtls→cluster",
+            source: link.source(),
+            sink: cluster.clone(),
+            check_packets: true,
+        },
+    )?;
+    let reason = tokio::select! {
+        r = channel::wait_closed(control) => match r {
+            Ok(channel::Closed::Cleanly) => "the client closed the control connection".to_string(),
+            Ok(channel::Closed::Abruptly) => "the client vanished without closing the control connection".to_string(),
+            Err(e) => format!("control connection failed: {e:#}"),
+        },
+        exit = plane.ended() => match exit.result {
+            Ok(()) => format!("{} stopped", exit.name),
+            Err(e) => format!("{}: {e}", exit.name),
+        },
+    };
+    if cluster.peer_closed() {
+        // Forget the dead AF_UNIX link so the connector waits for a new one.
+        shared.cluster.send_replace(None);
+    }
+    link.close();
+    info!(
+        "session for {peer} ended ({reason}); to client: {}; from client: {}",
+        plane.outbound.summary(),
+        plane.inbound.summary()
+    );
+    tokio::task::spawn_blocking(move || plane.stop()).await?;
+    Ok(())
+}

@@ -1,0 +1,244 @@
+//! The TeleTUN testbench: builds clusters in network namespaces and runs
+//! scenario files and benchmarks against the real `teletun` binary.
+
+mod agent;
+mod bench;
+mod cluster;
+mod exec;
+mod laptop;
+mod netns;
+mod report;
+mod scenario;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+/// Builds TeleTUN clusters in network namespaces and tests them.
+#[derive(Debug, Parser)]
+#[command(name = "testbench", version, about)]
+struct Cli {
+    /// The teletun binary [default: next to this binary, built if missing].
+    #[arg(long, global = true, value_name = "PATH")]
+    teletun: Option<PathBuf>,
+    /// Where results and logs go [default: target/testbench].
+    #[arg(long, global = true, value_name = "DIR")]
+    output: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Run scenario files (all of scenarios/ when none are given).
+    Scenario {
+        /// Scenario files.
+        files: Vec<PathBuf>,
+        /// Only scenarios whose name contains this text.
+        #[arg(long)]
+        filter: Option<String>,
+    },
+    /// Measure throughput and RTT through the raw underlay and through the tunnel.
+    Bench {
+        /// Seconds per iperf3 run.
+        #[arg(long, default_value_t = 5)]
+        seconds: u32,
+        /// Runs per path; medians are reported.
+        #[arg(long, default_value_t = 3)]
+        runs: u32,
+    },
+    /// Helpers that run inside namespaces (used by the testbench itself).
+    #[command(hide = true, subcommand)]
+    Agent(agent::AgentCommand),
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("testbench lives in the workspace")
+        .to_owned()
+}
+
+/// `target/testbench/` of this workspace (or of CARGO_TARGET_DIR).
+fn output_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| workspace_root().join("target"), PathBuf::from)
+        .join("testbench")
+}
+
+fn find_teletun(explicit: Option<PathBuf>) -> Result<PathBuf> {
+    if let Some(p) = explicit.or_else(|| std::env::var_os("TELETUN_BIN").map(PathBuf::from)) {
+        if !p.is_file() {
+            bail!("{} does not exist (--teletun / TELETUN_BIN)", p.display());
+        }
+        return Ok(p);
+    }
+    let me = std::env::current_exe()?;
+    let dir = me.parent().context("no directory for this executable")?;
+    // Integration tests run from target/<profile>/deps.
+    let candidates = [dir.join("teletun"), dir.join("../teletun")];
+    if let Some(p) = candidates.iter().find(|p| p.is_file()) {
+        return Ok(p.canonicalize()?);
+    }
+    let release = dir.components().any(|c| c.as_os_str() == "release");
+    eprintln!("testbench: building teletun (not found next to {})", me.display());
+    let mut cargo = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    cargo.args(["build", "-p", "teletun"]).current_dir(workspace_root());
+    if release {
+        cargo.arg("--release");
+    }
+    let status = cargo.status().context("cannot run cargo to build teletun")?;
+    if !status.success() {
+        bail!("building teletun failed");
+    }
+    candidates
+        .iter()
+        .find(|p| p.is_file())
+        .map(|p| p.to_owned())
+        .context("teletun still missing after building it; pass --teletun PATH")
+}
+
+fn preflight(bench: bool) -> Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("the netns backend needs root (network and mount namespaces); run as root");
+    }
+    let mut missing = Vec::new();
+    let tools: &[(&str, &str)] = &[
+        ("ip", "iproute2"),
+        ("nft", "nftables"),
+        ("dnsmasq", "dnsmasq-base"),
+        ("ping", "iputils-ping"),
+        ("nsenter", "util-linux"),
+        ("unshare", "util-linux"),
+        ("dpkg", "dpkg"),
+        ("apt-get", "apt"),
+    ];
+    for (tool, package) in tools.iter().chain(bench.then_some(&("iperf3", "iperf3"))) {
+        let found = std::env::var_os("PATH")
+            .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
+            .unwrap_or(false);
+        if !found {
+            missing.push(*package);
+        }
+    }
+    if !missing.is_empty() {
+        missing.dedup();
+        bail!(
+            "missing tools; install them with: apt-get install -y {}",
+            missing.join(" ")
+        );
+    }
+    Ok(())
+}
+
+fn scenario_files(files: Vec<PathBuf>) -> Result<Vec<PathBuf>> {
+    if !files.is_empty() {
+        return Ok(files);
+    }
+    let dir = workspace_root().join("scenarios");
+    let mut all: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .with_context(|| format!("cannot list {}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+        .collect();
+    all.sort();
+    Ok(all)
+}
+
+fn run_scenarios(teletun: &Path, out: &Path, files: Vec<PathBuf>, filter: Option<String>) -> Result<bool> {
+    let mut scenarios = Vec::new();
+    for path in scenario_files(files)? {
+        let s = scenario::load(&path)?;
+        if filter.as_deref().is_none_or(|f| s.name.contains(f)) {
+            scenarios.push((path, s));
+        }
+    }
+    if scenarios.is_empty() {
+        bail!("no scenario matches");
+    }
+    let work = out.join("runs");
+    let mut results = Vec::new();
+    let total = scenarios.len();
+    for (i, (path, s)) in scenarios.iter().enumerate() {
+        println!("[{}/{total}] {} — {}", i + 1, s.name, s.description);
+        let mut case = scenario::run(s, teletun, &work, &mut |c| println!("{}", c.line()));
+        let shown = path.strip_prefix(workspace_root()).unwrap_or(path);
+        case.rerun = format!("cargo run -p testbench -- scenario {}", shown.display());
+        results.push(case);
+    }
+    println!("\nSummary");
+    for c in &results {
+        let passed = c
+            .checks
+            .iter()
+            .filter(|x| matches!(x.outcome, report::Outcome::Pass))
+            .count();
+        println!(
+            "  {}  {:<40} {:>3}/{:<3} checks {:>7.1} s",
+            if c.passed() { "PASS" } else { "FAIL" },
+            c.name,
+            passed,
+            c.checks.len(),
+            c.seconds
+        );
+    }
+    let (json, junit) = report::write_files(out, &results)?;
+    println!("results: {} and {}", json.display(), junit.display());
+    let failed: Vec<&report::CaseResult> = results.iter().filter(|c| !c.passed()).collect();
+    for c in &failed {
+        println!("rerun {}: {}", c.name, c.rerun);
+        if let Some(logs) = &c.logs {
+            println!("  logs kept in {}", logs.display());
+        }
+    }
+    Ok(failed.is_empty())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Cmd::Agent(a) = cli.command {
+        return match agent::run(a) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("agent: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    let out = cli.output.unwrap_or_else(output_dir);
+    let result = (|| -> Result<bool> {
+        exec::install_interrupt_handler()?;
+        match cli.command {
+            Cmd::Scenario { files, filter } => {
+                preflight(false)?;
+                netns::remove_stale();
+                let teletun = find_teletun(cli.teletun)?;
+                run_scenarios(&teletun, &out, files, filter)
+            }
+            Cmd::Bench { seconds, runs } => {
+                preflight(true)?;
+                netns::remove_stale();
+                let teletun = find_teletun(cli.teletun)?;
+                let results = bench::run(&teletun, &out.join("runs"), &bench::BenchOptions { seconds, runs })?;
+                print!("{}", bench::table(&results));
+                std::fs::create_dir_all(&out)?;
+                let path = out.join("bench.json");
+                std::fs::write(&path, serde_json::to_vec_pretty(&results)?)?;
+                println!("results: {}", path.display());
+                Ok(true)
+            }
+            Cmd::Agent(_) => unreachable!("handled above"),
+        }
+    })();
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("testbench: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

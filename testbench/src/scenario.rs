@@ -1,0 +1,563 @@
+//! Scenario files (TOML) and their runner. See docs/testbench.md for the format.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde::Deserialize;
+
+use crate::cluster::{Cluster, ECHO_PORT, HTTP_PORT};
+use crate::exec::{self, Background};
+use crate::report::{CaseResult, CheckResult, Outcome};
+
+/// A scenario file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Scenario {
+    /// Short name, used in reports.
+    pub name: String,
+    /// What it shows.
+    #[serde(default)]
+    pub description: String,
+    /// The steps, in order.
+    #[serde(rename = "step")]
+    pub steps: Vec<Step>,
+}
+
+fn main_client() -> String {
+    "main".into()
+}
+fn client_key() -> String {
+    "client".into()
+}
+fn server_key() -> String {
+    "server".into()
+}
+fn sigint() -> String {
+    "SIGINT".into()
+}
+
+/// One step. `do` selects the kind.
+#[derive(Debug, Deserialize)]
+#[serde(tag = "do", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum Step {
+    /// Start server-cluster and server-external and wait until they are linked.
+    StartServers,
+    /// Start a client on the laptop. With `expect_error`, the client must fail
+    /// with that text in its one-line error and change nothing.
+    StartClient {
+        /// Name to refer to this client by.
+        #[serde(default = "main_client")]
+        name: String,
+        /// Key pair the client uses (`client`, `other`).
+        #[serde(default = "client_key")]
+        client_key: String,
+        /// Public key the client pins for the server (`server`, `other`).
+        #[serde(default = "server_key")]
+        server_key: String,
+        /// Expect the client to exit non-zero with this text.
+        expect_error: Option<String>,
+    },
+    /// Stop a client with a signal; it must exit 0 after cleaning up.
+    StopClient {
+        /// Which client.
+        #[serde(default = "main_client")]
+        name: String,
+        /// SIGINT or SIGTERM.
+        #[serde(default = "sigint")]
+        signal: String,
+    },
+    /// ping from the laptop.
+    Ping {
+        /// `POD` or `service:NAME`.
+        to: String,
+        /// Use the pod's IPv6 address.
+        #[serde(default)]
+        ipv6: bool,
+    },
+    /// TCP echo from the laptop.
+    TcpEcho {
+        /// Pod.
+        to: String,
+        /// Use IPv6.
+        #[serde(default)]
+        ipv6: bool,
+    },
+    /// UDP echo from the laptop.
+    UdpEcho {
+        /// Pod.
+        to: String,
+        /// Use IPv6.
+        #[serde(default)]
+        ipv6: bool,
+    },
+    /// HTTP GET from the laptop.
+    Http {
+        /// `POD` (port 8080) or `service:NAME` (port 80).
+        to: String,
+    },
+    /// Resolve a name on the laptop (glibc, /etc/resolv.conf) and expect an address.
+    Resolve {
+        /// The name.
+        name: String,
+        /// `POD`, `POD/ipv6` or `service:NAME`.
+        expect: String,
+    },
+    /// A pod connects to the server-cluster pod's IP; a listener on the laptop must get it.
+    ConnectBack {
+        /// The pod that connects.
+        from: String,
+        /// Use IPv6.
+        #[serde(default)]
+        ipv6: bool,
+    },
+    /// The laptop's network state equals the state before any client ran.
+    LaptopUnchanged,
+    /// Run a shell command on `laptop`, `node`, `router` or `pod:NAME`; it must
+    /// exit 0 (or fail, with `expect_failure`), and print `expect_output` if given.
+    Run {
+        /// Where.
+        on: String,
+        /// `sh -c` command.
+        command: String,
+        /// Text the output must contain.
+        expect_output: Option<String>,
+        /// Expect a non-zero exit instead.
+        #[serde(default)]
+        expect_failure: bool,
+    },
+    /// A process's log contains a text (waiting up to `within` seconds).
+    LogContains {
+        /// `server-external`, `server-cluster`, or `client:NAME`.
+        process: String,
+        /// The text.
+        text: String,
+        /// Seconds to wait for it.
+        #[serde(default = "ten")]
+        within: u64,
+    },
+    /// Start one server role alone (`server-cluster` or `server-external`).
+    StartServer {
+        /// Which role.
+        role: String,
+    },
+    /// Stop one server role with a signal (SIGTERM, SIGINT or SIGKILL).
+    StopServer {
+        /// Which role.
+        role: String,
+        /// The signal.
+        #[serde(default = "sigterm")]
+        signal: String,
+    },
+    /// A running client must exit by itself, non-zero, with this text in its
+    /// one-line error, within `within` seconds.
+    ClientExits {
+        /// Which client.
+        #[serde(default = "main_client")]
+        name: String,
+        /// Text of the error line.
+        expect_error: String,
+        /// Seconds to wait.
+        #[serde(default = "ten")]
+        within: u64,
+    },
+}
+
+fn ten() -> u64 {
+    10
+}
+fn sigterm() -> String {
+    "SIGTERM".into()
+}
+
+fn signal_number(name: &str) -> Result<libc::c_int> {
+    Ok(match name {
+        "SIGINT" => libc::SIGINT,
+        "SIGTERM" => libc::SIGTERM,
+        "SIGKILL" => libc::SIGKILL,
+        other => bail!("unknown signal {other:?}: use SIGINT, SIGTERM or SIGKILL"),
+    })
+}
+
+impl Step {
+    /// A one-line label for reports.
+    pub fn label(&self) -> String {
+        let fam = |v6: &bool| if *v6 { " (IPv6)" } else { "" };
+        match self {
+            Step::StartServers => "start servers".into(),
+            Step::StartClient {
+                name,
+                expect_error: None,
+                ..
+            } => format!("start client {name}"),
+            Step::StartClient {
+                name,
+                expect_error: Some(e),
+                ..
+            } => format!("client {name} fails with {e:?}"),
+            Step::StopClient { name, signal } => format!("stop client {name} with {signal}"),
+            Step::Ping { to, ipv6 } => format!("ping {to}{}", fam(ipv6)),
+            Step::TcpEcho { to, ipv6 } => format!("TCP echo {to}{}", fam(ipv6)),
+            Step::UdpEcho { to, ipv6 } => format!("UDP echo {to}{}", fam(ipv6)),
+            Step::Http { to } => format!("HTTP {to}"),
+            Step::Resolve { name, expect } => format!("resolve {name} → {expect}"),
+            Step::ConnectBack { from, ipv6 } => format!("{from} connects to the laptop{}", fam(ipv6)),
+            Step::LaptopUnchanged => "laptop state unchanged".into(),
+            Step::Run { on, command, .. } => format!("on {on}: {command}"),
+            Step::LogContains { process, text, .. } => format!("{process} log has {text:?}"),
+            Step::StartServer { role } => format!("start {role}"),
+            Step::StopServer { role, signal } => format!("stop {role} with {signal}"),
+            Step::ClientExits { name, expect_error, .. } => format!("client {name} exits with {expect_error:?}"),
+        }
+    }
+
+    fn is_setup(&self) -> bool {
+        matches!(
+            self,
+            Step::StartServers | Step::StartServer { .. } | Step::StartClient { expect_error: None, .. }
+        )
+    }
+}
+
+/// Reads and parses a scenario file.
+pub fn load(path: &Path) -> Result<Scenario> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    toml::from_str(&text).map_err(|e| anyhow!("{}: {}", path.display(), e.to_string().trim().replace('\n', " ")))
+}
+
+/// State while a scenario runs.
+struct Run<'a> {
+    cluster: &'a mut Cluster,
+    clients: BTreeMap<String, Background>,
+    laptop_before: String,
+}
+
+/// Builds a fresh cluster, runs the scenario's steps, tears everything down.
+pub fn run(scenario: &Scenario, teletun: &Path, work: &Path, progress: &mut dyn FnMut(&CheckResult)) -> CaseResult {
+    let started = Instant::now();
+    let mut checks = Vec::new();
+    let t = Instant::now();
+    let mut cluster = match Cluster::build(teletun, work) {
+        Ok(c) => c,
+        Err(e) => {
+            let c = CheckResult::new("build cluster", t.elapsed(), Outcome::Fail(format!("{e:#}")));
+            progress(&c);
+            checks.push(c);
+            return CaseResult::new(&scenario.name, checks, started.elapsed(), None);
+        }
+    };
+    let c = CheckResult::new("build cluster", t.elapsed(), Outcome::Pass);
+    progress(&c);
+    checks.push(c);
+    let logs = cluster.dir.clone();
+    let laptop_before = cluster.laptop.snapshot().unwrap_or_default();
+    let mut run = Run {
+        cluster: &mut cluster,
+        clients: BTreeMap::new(),
+        laptop_before,
+    };
+    let mut aborted = false;
+    for step in &scenario.steps {
+        let label = step.label();
+        if aborted || exec::INTERRUPTED.load(std::sync::atomic::Ordering::Relaxed) {
+            let c = CheckResult::new(&label, Duration::ZERO, Outcome::Skip);
+            progress(&c);
+            checks.push(c);
+            continue;
+        }
+        let t = Instant::now();
+        let outcome = match run.step(step) {
+            Ok(()) => Outcome::Pass,
+            Err(e) => {
+                aborted = step.is_setup();
+                Outcome::Fail(format!("{e:#}"))
+            }
+        };
+        let c = CheckResult::new(&label, t.elapsed(), outcome);
+        progress(&c);
+        checks.push(c);
+    }
+    // Stop clients before the servers so their cleanup runs normally.
+    for (_, mut c) in std::mem::take(&mut run.clients) {
+        c.signal(libc::SIGTERM);
+        let _ = c.wait(Duration::from_secs(10));
+    }
+    let failed = checks.iter().any(|c| matches!(c.outcome, Outcome::Fail(_)));
+    cluster.teardown();
+    let keep = failed.then_some(logs.clone());
+    if !failed {
+        let _ = std::fs::remove_dir_all(&logs);
+    }
+    CaseResult::new(&scenario.name, checks, started.elapsed(), keep)
+}
+
+impl Run<'_> {
+    fn laptop_check(&self, program: &str, args: &[&str]) -> Result<String> {
+        let mut c = self.cluster.laptop.cmd(program);
+        c.args(args);
+        let out = exec::output(c, Duration::from_secs(20))?;
+        if !out.status.success() {
+            bail!("{}", exec::last_lines(&out.both(), 3));
+        }
+        Ok(out.stdout)
+    }
+
+    fn agent_on_laptop(&self, args: &[&str]) -> Result<String> {
+        let me = std::env::current_exe()?;
+        let mut full = vec!["agent"];
+        full.extend_from_slice(args);
+        self.laptop_check(&me.to_string_lossy(), &full)
+    }
+
+    fn step(&mut self, step: &Step) -> Result<()> {
+        match step {
+            Step::StartServers => self.cluster.start_servers(),
+            Step::StartClient {
+                name,
+                client_key,
+                server_key,
+                expect_error,
+            } => self.start_client(name, client_key, server_key, expect_error.as_deref()),
+            Step::StopClient { name, signal } => {
+                let sig = signal_number(signal)?;
+                if sig == libc::SIGKILL {
+                    bail!("stop-client is a clean stop: use SIGINT or SIGTERM");
+                }
+                let mut c = self
+                    .clients
+                    .remove(name)
+                    .with_context(|| format!("no running client {name:?}"))?;
+                c.signal(sig);
+                let status = c.wait(Duration::from_secs(10))?;
+                if !status.success() {
+                    bail!("client exited with {status}: {}", exec::last_lines(&c.log_text(), 3));
+                }
+                if !c.log_text().contains("stopped by") {
+                    bail!("client did not report its stop: {}", exec::last_lines(&c.log_text(), 3));
+                }
+                Ok(())
+            }
+            Step::Ping { to, ipv6 } => {
+                let ip = self.cluster.address(to, *ipv6)?.to_string();
+                self.laptop_check("ping", &["-c", "3", "-i", "0.2", "-W", "2", &ip])
+                    .map(|_| ())
+            }
+            Step::TcpEcho { to, ipv6 } => {
+                let addr = std::net::SocketAddr::new(self.cluster.address(to, *ipv6)?, ECHO_PORT).to_string();
+                self.agent_on_laptop(&["tcp-echo", &addr]).map(|_| ())
+            }
+            Step::UdpEcho { to, ipv6 } => {
+                let addr = std::net::SocketAddr::new(self.cluster.address(to, *ipv6)?, ECHO_PORT).to_string();
+                self.agent_on_laptop(&["udp-echo", &addr]).map(|_| ())
+            }
+            Step::Http { to } => {
+                let port = if to.starts_with("service:") { 80 } else { HTTP_PORT };
+                let addr = std::net::SocketAddr::new(self.cluster.address(to, false)?, port).to_string();
+                self.agent_on_laptop(&["http", &addr, "hello from app"]).map(|_| ())
+            }
+            Step::Resolve { name, expect } => {
+                let (target, v6) = match expect.strip_suffix("/ipv6") {
+                    Some(t) => (t, true),
+                    None => (expect.as_str(), false),
+                };
+                let want = self.cluster.address(target, v6)?;
+                let family = if v6 { "ahostsv6" } else { "ahostsv4" };
+                let out = self
+                    .laptop_check("getent", &[family, name])
+                    .with_context(|| format!("{name} does not resolve"))?;
+                let got: Vec<&str> = out.lines().filter_map(|l| l.split_whitespace().next()).collect();
+                if got.first().copied() != Some(want.to_string().as_str()) {
+                    bail!("{name} resolved to {got:?}, expected {want}");
+                }
+                Ok(())
+            }
+            Step::ConnectBack { from, ipv6 } => {
+                let target = self.cluster.address("teletun", *ipv6)?;
+                let token = format!("back-from-{from}");
+                let me = std::env::current_exe()?;
+                let mut listen = self.cluster.laptop.cmd(&me);
+                listen.args(["agent", "listen", "9099", &token]);
+                let mut l = Background::spawn("laptop listener", listen, &self.cluster.dir.join("listener.log"))?;
+                l.wait_for_log("listening", Duration::from_secs(5))?;
+                let pod = self.cluster.pod(from)?.ns.clone();
+                let mut send = pod.cmd(&me);
+                send.args([
+                    "agent",
+                    "send",
+                    &std::net::SocketAddr::new(target, 9099).to_string(),
+                    &token,
+                ]);
+                exec::run(send, Duration::from_secs(10))?;
+                let status = l.wait(Duration::from_secs(10))?;
+                if !status.success() {
+                    bail!(
+                        "the laptop listener did not get the connection: {}",
+                        exec::last_lines(&l.log_text(), 2)
+                    );
+                }
+                Ok(())
+            }
+            Step::LaptopUnchanged => {
+                let now = self.cluster.laptop.snapshot()?;
+                if now != self.laptop_before {
+                    bail!("laptop state differs:\n{}", diff(&self.laptop_before, &now));
+                }
+                Ok(())
+            }
+            Step::Run {
+                on,
+                command,
+                expect_output,
+                expect_failure,
+            } => {
+                let mut c = match on.as_str() {
+                    "laptop" => self.cluster.laptop.cmd("sh"),
+                    "node" => self.cluster.node.cmd("sh"),
+                    "router" => self.cluster.router.cmd("sh"),
+                    other => match other.strip_prefix("pod:") {
+                        Some(pod) => self.cluster.pod(pod)?.ns.cmd("sh"),
+                        None => bail!("unknown place {other:?}: use laptop, node, router or pod:NAME"),
+                    },
+                };
+                c.args(["-c", command]);
+                let out = exec::output(c, Duration::from_secs(60))?;
+                if out.status.success() == *expect_failure {
+                    bail!(
+                        "exit status {} (expected {}): {}",
+                        out.status,
+                        if *expect_failure { "failure" } else { "success" },
+                        out.both()
+                    );
+                }
+                if let Some(want) = expect_output {
+                    if !out.both().contains(want.as_str()) {
+                        bail!("output lacks {want:?}: {}", out.both());
+                    }
+                }
+                Ok(())
+            }
+            Step::LogContains { process, text, within } => {
+                let deadline = Instant::now() + Duration::from_secs(*within);
+                loop {
+                    let log = match process.strip_prefix("client:") {
+                        Some(name) => std::fs::read_to_string(self.cluster.dir.join(format!("client-{name}.log")))?,
+                        None => self.cluster.process_mut(process)?.log_text(),
+                    };
+                    if log.contains(text.as_str()) {
+                        return Ok(());
+                    }
+                    if Instant::now() > deadline {
+                        bail!("not found within {within} s; last lines: {}", exec::last_lines(&log, 3));
+                    }
+                    exec::check_interrupted()?;
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+            Step::StartServer { role } => match role.as_str() {
+                "server-cluster" => self.cluster.start_server_cluster(),
+                "server-external" => self.cluster.start_server_external(),
+                other => bail!("unknown role {other:?}: use server-cluster or server-external"),
+            },
+            Step::StopServer { role, signal } => {
+                let sig = signal_number(signal)?;
+                let p = self.cluster.process_mut(role)?;
+                p.signal(sig);
+                let status = p.wait(Duration::from_secs(10))?;
+                if sig != libc::SIGKILL && !status.success() {
+                    bail!("{role} exited with {status}: {}", exec::last_lines(&p.log_text(), 3));
+                }
+                Ok(())
+            }
+            Step::ClientExits {
+                name,
+                expect_error,
+                within,
+            } => {
+                let mut c = self
+                    .clients
+                    .remove(name)
+                    .with_context(|| format!("no running client {name:?}"))?;
+                let status = c.wait(Duration::from_secs(*within))?;
+                check_one_error(status, &c.log_text(), expect_error)
+            }
+        }
+    }
+
+    fn start_client(
+        &mut self,
+        name: &str,
+        client_key: &str,
+        server_key: &str,
+        expect_error: Option<&str>,
+    ) -> Result<()> {
+        if self.clients.contains_key(name) {
+            bail!("client {name:?} already runs");
+        }
+        let cmd = self.cluster.client_command(client_key, server_key);
+        let log = self.cluster.dir.join(format!("client-{name}.log"));
+        let mut c = Background::spawn(&format!("client {name}"), cmd, &log)?;
+        match expect_error {
+            None => {
+                c.wait_for_log("is up", Duration::from_secs(20))?;
+                self.clients.insert(name.to_owned(), c);
+            }
+            Some(text) => {
+                let status = c.wait(Duration::from_secs(20))?;
+                check_one_error(status, &c.log_text(), text)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A client that failed must have exited non-zero with exactly one
+/// `teletun: ` error line, containing `text`.
+fn check_one_error(status: std::process::ExitStatus, log: &str, text: &str) -> Result<()> {
+    if status.success() {
+        bail!("the client succeeded; expected it to fail with {text:?}");
+    }
+    let errors: Vec<&str> = log.lines().filter(|l| l.starts_with("teletun: ")).collect();
+    if errors.len() != 1 || !errors[0].contains(text) {
+        bail!(
+            "expected one error line containing {text:?}, got: {}",
+            exec::last_lines(log, 3)
+        );
+    }
+    Ok(())
+}
+
+/// Lines only in `a` (prefixed -) or only in `b` (prefixed +).
+fn diff(a: &str, b: &str) -> String {
+    let (la, lb): (Vec<&str>, Vec<&str>) = (a.lines().collect(), b.lines().collect());
+    let mut out = Vec::new();
+    out.extend(la.iter().filter(|l| !lb.contains(l)).map(|l| format!("- {l}")));
+    out.extend(lb.iter().filter(|l| !la.contains(l)).map(|l| format!("+ {l}")));
+    out.join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_shipped_scenario_parses() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scenarios");
+        let mut n = 0;
+        for e in std::fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.extension().is_some_and(|x| x == "toml") {
+                load(&p).unwrap();
+                n += 1;
+            }
+        }
+        assert!(n > 0);
+    }
+
+    #[test]
+    fn unknown_keys_and_steps_are_errors() {
+        assert!(toml::from_str::<Scenario>("name='x'\n[[step]]\ndo='ping'\nto='app'\ncolour='red'\n").is_err());
+        assert!(toml::from_str::<Scenario>("name='x'\n[[step]]\ndo='dance'\n").is_err());
+        assert!(toml::from_str::<Scenario>("name='x'\n[[step]]\ndo='ping'\nto='app'\n").is_ok());
+    }
+}
