@@ -64,8 +64,23 @@ fn describe(cmd: &Command) -> String {
     s
 }
 
-/// Runs `cmd` to completion (killing it after `timeout`) and captures its output.
-pub fn output(mut cmd: Command, timeout: Duration) -> Result<Output> {
+/// Runs `cmd` to completion (killing it after `timeout`, or at once when the
+/// run is interrupted) and captures its output.
+pub fn output(cmd: Command, timeout: Duration) -> Result<Output> {
+    output_inner(cmd, timeout, true)
+}
+
+/// Like [`run`], but not cut short by an interrupt: for teardown.
+pub fn run_to_completion(cmd: Command, timeout: Duration) -> Result<String> {
+    let text = describe(&cmd);
+    let out = output_inner(cmd, timeout, false)?;
+    if !out.status.success() {
+        bail!("`{text}` failed ({}): {}", out.status, out.both());
+    }
+    Ok(out.stdout)
+}
+
+fn output_inner(mut cmd: Command, timeout: Duration, interruptible: bool) -> Result<Output> {
     let text = describe(&cmd);
     let dir = scratch_dir()?;
     let (out_path, err_path) = (dir.join("out"), dir.join("err"));
@@ -73,7 +88,7 @@ pub fn output(mut cmd: Command, timeout: Duration) -> Result<Output> {
         .stdout(File::create(&out_path)?)
         .stderr(File::create(&err_path)?);
     let mut child = cmd.spawn().with_context(|| format!("cannot run {text}"))?;
-    let status = wait_timeout(&mut child, timeout).with_context(|| text.clone())?;
+    let status = wait(&mut child, timeout, interruptible).with_context(|| text.clone())?;
     let out = Output {
         status,
         stdout: std::fs::read_to_string(&out_path).unwrap_or_default(),
@@ -107,15 +122,20 @@ fn scratch_dir() -> Result<PathBuf> {
 
 /// Waits for `child` up to `timeout`; kills it when time is up or on interrupt.
 pub fn wait_timeout(child: &mut Child, timeout: Duration) -> Result<ExitStatus> {
+    wait(child, timeout, true)
+}
+
+fn wait(child: &mut Child, timeout: Duration, interruptible: bool) -> Result<ExitStatus> {
     let deadline = Instant::now() + timeout;
     loop {
         if let Some(status) = child.try_wait()? {
             return Ok(status);
         }
-        if Instant::now() >= deadline || INTERRUPTED.load(Ordering::Relaxed) {
+        let interrupted = interruptible && INTERRUPTED.load(Ordering::Relaxed);
+        if Instant::now() >= deadline || interrupted {
             let _ = child.kill();
             let _ = child.wait();
-            if INTERRUPTED.load(Ordering::Relaxed) {
+            if interrupted {
                 bail!("interrupted");
             }
             bail!("timed out after {timeout:?}");

@@ -158,10 +158,16 @@ impl Laptop {
     pub fn teardown(&mut self) {
         self.ns.delete();
         if self.mounted {
-            let _ = exec::run(cmd("umount", &[&self.mnt.to_string_lossy()]), CMD_TIMEOUT);
-            let _ = exec::run(cmd("umount", &[&self.holder.to_string_lossy()]), CMD_TIMEOUT);
+            let _ = exec::run_to_completion(cmd("umount", &[&self.mnt.to_string_lossy()]), CMD_TIMEOUT);
+            let _ = exec::run_to_completion(cmd("umount", &[&self.holder.to_string_lossy()]), CMD_TIMEOUT);
             self.mounted = false;
         }
+    }
+}
+
+impl Drop for Laptop {
+    fn drop(&mut self) {
+        self.teardown();
     }
 }
 

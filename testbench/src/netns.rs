@@ -69,15 +69,15 @@ impl Netns {
         Path::new("/run/netns").join(&self.name)
     }
 
-    /// Kills every process inside, then deletes the namespace.
+    /// Kills every process inside, then deletes the namespace (even after an interrupt).
     pub fn delete(&self) {
-        if let Ok(pids) = exec::run(ip_cmd(&["netns", "pids", &self.name]), CMD_TIMEOUT) {
+        if let Ok(pids) = exec::run_to_completion(ip_cmd(&["netns", "pids", &self.name]), CMD_TIMEOUT) {
             for pid in pids.split_whitespace().filter_map(|p| p.parse::<libc::pid_t>().ok()) {
                 // SAFETY: kill(2) on a pid that lives in our namespace.
                 unsafe { libc::kill(pid, libc::SIGKILL) };
             }
         }
-        let _ = exec::run(ip_cmd(&["netns", "del", &self.name]), CMD_TIMEOUT);
+        let _ = exec::run_to_completion(ip_cmd(&["netns", "del", &self.name]), CMD_TIMEOUT);
     }
 }
 

@@ -93,3 +93,27 @@ impl PacketSink for Arc<Tun> {
         Ok(refused)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Needs root. Runs in a network namespace private to the test thread, so
+    /// the devices never appear on the host and vanish with the thread.
+    #[test]
+    fn pattern_names_count_up() {
+        std::thread::spawn(|| {
+            // SAFETY: unshare(CLONE_NEWNET) moves only this thread to a new namespace.
+            let r = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+            assert_eq!(r, 0, "unshare(CLONE_NEWNET) needs root: run the tests as root");
+            let a = Tun::create("tel%d", 1400).unwrap();
+            let b = Tun::create("tel%d", 1400).unwrap();
+            assert_eq!((a.name(), b.name()), ("tel0", "tel1"));
+            drop(a);
+            let c = Tun::create("tel%d", 1400).unwrap();
+            assert_eq!(c.name(), "tel0", "a freed number is reused");
+        })
+        .join()
+        .unwrap();
+    }
+}

@@ -635,6 +635,50 @@ mod tests {
         assert!(out.is_empty());
     }
 
+    /// Drives one handshake step of `s` with `incoming` and returns what it sends.
+    fn step(s: &mut DtlsSession, incoming: Option<&[u8]>) -> Vec<Vec<u8>> {
+        if let Some(d) = incoming {
+            let mut b = PacketBatch::new();
+            b.push(d);
+            s.feed(&mut b, 0);
+        }
+        let _ = s.stream.do_handshake();
+        let mut out = PacketBatch::new();
+        s.take_outbound(&mut out);
+        out.iter().map(<[u8]>::to_vec).collect()
+    }
+
+    #[test]
+    fn server_answers_a_client_hello_with_a_cookie_first() {
+        let k = Keys::new();
+        let peer: SocketAddr = "192.0.2.7:4000".parse().unwrap();
+        let mut server = DtlsSession::new(Role::Server, &k.id("server"), k.pin("client"), 1400, Some(peer)).unwrap();
+        let mut client = DtlsSession::new(Role::Client, &k.id("client"), k.pin("server"), 1400, None).unwrap();
+        let hello = step(&mut client, None);
+        assert_eq!(hello.len(), 1);
+        // Record type 22 (handshake), message type 1 (ClientHello) after the 13-byte header.
+        assert_eq!((hello[0][0], hello[0][13]), (RECORD_HANDSHAKE, 1));
+        let answer = step(&mut server, Some(&hello[0]));
+        assert_eq!(answer.len(), 1, "one HelloVerifyRequest, nothing else");
+        assert_eq!(answer[0][13], 3, "message type 3 is HelloVerifyRequest");
+        // The client repeats its hello with the cookie; only now does the server proceed.
+        let hello2 = step(&mut client, Some(&answer[0]));
+        assert_eq!(hello2[0][13], 1);
+        assert!(
+            hello2[0].len() > hello[0].len(),
+            "the second ClientHello carries the cookie"
+        );
+        let flight = step(&mut server, Some(&hello2[0]));
+        assert!(flight.iter().any(|d| d[13] == 2), "ServerHello follows a valid cookie");
+        // A second ClientHello with a forged cookie from another session gets no ServerHello.
+        let mut other = DtlsSession::new(Role::Server, &k.id("server"), k.pin("client"), 1400, Some(peer)).unwrap();
+        let reply = step(&mut other, Some(&hello2[0]));
+        assert!(
+            reply.iter().all(|d| d[13] != 2),
+            "a cookie from another secret is not accepted"
+        );
+    }
+
     #[test]
     fn server_refuses_an_unpinned_client_key() {
         let k = Keys::new();
