@@ -32,6 +32,9 @@ pub enum Command {
     Cleanup,
     /// Create a key pair: PREFIX.key (private, 0600) and PREFIX.pub.
     Keygen(KeygenArgs),
+    /// Internal: the client's cleanup guard (reads instructions on stdin).
+    #[command(hide = true)]
+    Guard,
 }
 
 /// `teletun client`.

@@ -1,8 +1,10 @@
 //! Named crash points in the client, for the testbench only.
 //!
 //! When the environment variable `TELETUN_TESTBENCH_CRASHPOINT` names a point,
-//! the client announces on stderr that it reached it and then waits to be
-//! killed there. Without the variable, `reached` costs one cached lookup.
+//! the client announces on stderr that it reached it and stops there until a
+//! signal arrives. SIGKILL ends it on the spot (the guard process then cleans
+//! up); SIGINT or SIGTERM resume it, and the client's normal signal handling
+//! takes over, as if the signal had arrived at exactly that point.
 
 use std::sync::OnceLock;
 
@@ -20,13 +22,22 @@ pub const POINTS: &[&str] = &[
 ];
 
 /// Marks that the client reached `point`.
-pub fn reached(point: &str) {
+pub async fn reached(point: &str) {
     static CHOSEN: OnceLock<Option<String>> = OnceLock::new();
     let chosen = CHOSEN.get_or_init(|| std::env::var(ENV).ok());
-    if chosen.as_deref() == Some(point) {
-        eprintln!("teletun: crashpoint {point} reached; waiting to be killed");
-        loop {
-            std::thread::park();
-        }
+    if chosen.as_deref() != Some(point) {
+        return;
     }
+    use tokio::signal::unix::{signal, SignalKind};
+    eprintln!("teletun: crashpoint {point} reached; waiting for a signal");
+    match (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) {
+        (Ok(mut int), Ok(mut term)) => {
+            tokio::select! {
+                _ = int.recv() => {}
+                _ = term.recv() => {}
+            }
+        }
+        _ => std::future::pending::<()>().await,
+    }
+    eprintln!("teletun: crashpoint {point}: resuming after a signal");
 }

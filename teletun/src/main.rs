@@ -64,6 +64,7 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Keygen(a) => roles::keygen::run(&a.out),
         Command::Cleanup => runtime()?.block_on(roles::cleanup::run()),
+        Command::Guard => runtime()?.block_on(roles::guard::run()),
         Command::Client(a) => {
             let identity = keys::load_identity(&a.client_privkey)?;
             let own = keys::load_pinned(&a.client_pubkey)?;

@@ -84,7 +84,7 @@ pub fn run(teletun: &Path, work: &Path, opts: &BenchOptions) -> Result<Vec<PathR
     if Command::new("iperf3").arg("--version").output().is_err() {
         bail!("iperf3 is not installed: apt-get install iperf3");
     }
-    let mut cluster = Cluster::build(teletun, work)?;
+    let mut cluster = Cluster::build(teletun, work, &crate::scenario::Topology::default())?;
     cluster.start_servers()?;
     let mut client = Background::spawn(
         "client",

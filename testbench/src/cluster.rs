@@ -17,8 +17,9 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 
 use crate::exec::{self, Background};
-use crate::laptop::Laptop;
+use crate::laptop::{DnsVariant, Laptop};
 use crate::netns::{self, Netns};
+use crate::scenario::Topology;
 
 /// What server-external logs when it links up with server-cluster.
 const LINKED: &str = "server-cluster connected";
@@ -92,12 +93,13 @@ fn unique_id() -> String {
 
 impl Cluster {
     /// Builds the whole cluster and starts its pods' daemons (not the teletun roles).
-    pub fn build(teletun: &Path, work: &Path) -> Result<Cluster> {
+    pub fn build(teletun: &Path, work: &Path, topology: &Topology) -> Result<Cluster> {
+        let dns = DnsVariant::parse(&topology.resolvconf)?;
         let id = unique_id();
         let dir = work.join(&id);
         std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
         let mut created: Vec<Netns> = Vec::new();
-        let result = Self::build_in(&id, &dir, teletun, &mut created);
+        let result = Self::build_in(&id, &dir, teletun, dns, &mut created);
         if result.is_err() {
             for ns in created.iter().rev() {
                 ns.delete();
@@ -106,7 +108,13 @@ impl Cluster {
         result
     }
 
-    fn build_in(id: &str, dir: &Path, teletun: &Path, created: &mut Vec<Netns>) -> Result<Cluster> {
+    fn build_in(
+        id: &str,
+        dir: &Path,
+        teletun: &Path,
+        dns_variant: DnsVariant,
+        created: &mut Vec<Netns>,
+    ) -> Result<Cluster> {
         let mut mk = |role: &str| -> Result<Netns> {
             let ns = Netns::create(&format!("{id}-{role}"))?;
             created.push(ns.clone());
@@ -186,7 +194,7 @@ impl Cluster {
         node.sysctl("net.bridge.bridge-nf-call-iptables", "1")
             .context("bridged traffic must pass netfilter for the service hairpin (br_netfilter)")?;
 
-        let laptop = Laptop::create(laptop_ns, dir)?;
+        let laptop = Laptop::create(laptop_ns, dir, dns_variant)?;
         let mut cluster = Cluster {
             dir: dir.to_owned(),
             laptop,

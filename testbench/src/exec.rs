@@ -159,6 +159,8 @@ impl Background {
     pub fn spawn(name: &str, mut cmd: Command, log: &Path) -> Result<Background> {
         let text = describe(&cmd);
         let f = File::create(log).with_context(|| format!("cannot create {}", log.display()))?;
+        // Its own process group, like a shell job: `signal_group` reaches it and its children.
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
         cmd.stdin(Stdio::null()).stdout(f.try_clone()?).stderr(f);
         let child = cmd.spawn().with_context(|| format!("cannot start {text}"))?;
         Ok(Background {
@@ -204,6 +206,12 @@ impl Background {
     pub fn signal(&self, signal: libc::c_int) {
         // SAFETY: kill(2) on our own child's pid.
         unsafe { libc::kill(self.child.id() as libc::pid_t, signal) };
+    }
+
+    /// Sends `signal` to the process's whole process group.
+    pub fn signal_group(&self, signal: libc::c_int) {
+        // SAFETY: kill(2) on the process group our child leads.
+        unsafe { libc::kill(-(self.child.id() as libc::pid_t), signal) };
     }
 
     /// Waits for exit up to `timeout` (then kills it).

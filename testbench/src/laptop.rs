@@ -69,18 +69,59 @@ fn copy_tree(from: &Path, to: &Path) -> Result<()> {
     exec::run(cp, CMD_TIMEOUT).map(|_| ())
 }
 
+/// Which DNS manager the laptop runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DnsVariant {
+    /// Debian's `resolvconf` package: `/etc/resolv.conf` → `/run/resolvconf/resolv.conf`.
+    Debian,
+    /// `openresolv`: writes `/etc/resolv.conf` itself.
+    Openresolv,
+}
+
+impl DnsVariant {
+    /// Parses the `[topology] resolvconf` value.
+    pub fn parse(name: &str) -> Result<DnsVariant> {
+        match name {
+            "debian" => Ok(DnsVariant::Debian),
+            "openresolv" => Ok(DnsVariant::Openresolv),
+            other => bail!("unknown resolvconf variant {other:?}: use debian or openresolv"),
+        }
+    }
+
+    fn package(self) -> &'static str {
+        match self {
+            DnsVariant::Debian => "resolvconf",
+            DnsVariant::Openresolv => "openresolv",
+        }
+    }
+}
+
 impl Laptop {
-    /// Sets up the mount namespace for `ns` with Debian resolvconf in it.
-    pub fn create(ns: Netns, dir: &Path) -> Result<Laptop> {
-        let pkg = debian_package("resolvconf")?;
+    /// Sets up the mount namespace for `ns` with the chosen DNS manager in it.
+    pub fn create(ns: Netns, dir: &Path, variant: DnsVariant) -> Result<Laptop> {
+        let pkg = debian_package(variant.package())?;
         let root = dir.join("laptop-fs");
         // Merged /usr: the package's /sbin and /lib land under /usr.
         let stage = root.join("stage");
         copy_tree(&pkg.join("sbin"), &stage.join("usr/sbin"))?;
         copy_tree(&pkg.join("lib"), &stage.join("usr/lib"))?;
         let etc_up = root.join("etc-upper");
-        copy_tree(&pkg.join("etc/resolvconf"), &etc_up.join("resolvconf"))?;
-        std::os::unix::fs::symlink("../run/resolvconf/resolv.conf", etc_up.join("resolv.conf"))?;
+        std::fs::create_dir_all(&etc_up)?;
+        let init = match variant {
+            DnsVariant::Debian => {
+                copy_tree(&pkg.join("etc/resolvconf"), &etc_up.join("resolvconf"))?;
+                std::os::unix::fs::symlink("../run/resolvconf/resolv.conf", etc_up.join("resolv.conf"))?;
+                "mkdir -p /run/resolvconf/interface\ntouch /run/resolvconf/enable-updates\nresolvconf -u\n"
+            }
+            DnsVariant::Openresolv => {
+                std::fs::copy(pkg.join("etc/resolvconf.conf"), etc_up.join("resolvconf.conf"))?;
+                std::fs::write(
+                    etc_up.join("resolv.conf"),
+                    "# the laptop's resolv.conf before TeleTUN\n",
+                )?;
+                "resolvconf -u\n"
+            }
+        };
         for d in ["etc-work", "usr-upper", "usr-work"] {
             std::fs::create_dir_all(root.join(d))?;
         }
@@ -105,9 +146,7 @@ impl Laptop {
              mount -t tmpfs -o mode=755 tmpfs /run\n\
              mount -t overlay overlay -o lowerdir=/etc,upperdir={r}/etc-upper,workdir={r}/etc-work /etc\n\
              mount -t overlay overlay -o lowerdir={r}/stage/usr:/usr,upperdir={r}/usr-upper,workdir={r}/usr-work /usr\n\
-             mkdir -p /run/resolvconf/interface\n\
-             touch /run/resolvconf/enable-updates\n\
-             resolvconf -u\n"
+             {init}"
         );
         let mut c = Command::new("unshare");
         c.arg(format!("--mount={}", laptop.mnt.display()))
@@ -116,9 +155,14 @@ impl Laptop {
             .arg(format!("--net={}", laptop.ns.path().display()))
             .args(["sh", "-c", &setup]);
         exec::run(c, CMD_TIMEOUT).context("cannot set up the laptop's private /etc, /usr and /run")?;
-        let probe = laptop.run_sh("readlink /etc/resolv.conf && command -v resolvconf")?;
-        if !probe.contains("/run/resolvconf/resolv.conf") {
-            bail!("the laptop's /etc/resolv.conf is not managed by resolvconf: {probe}");
+        let probe = laptop
+            .run_sh("command -v resolvconf; readlink /etc/resolv.conf; resolvconf --version 2>&1 | head -1; true")?;
+        let ok = match variant {
+            DnsVariant::Debian => probe.contains("/run/resolvconf/resolv.conf"),
+            DnsVariant::Openresolv => probe.contains("openresolv"),
+        };
+        if !ok {
+            bail!("the laptop's {} is not in place: {probe}", variant.package());
         }
         Ok(laptop)
     }
@@ -149,7 +193,7 @@ impl Laptop {
              echo '# routes'; ip route show table all; ip -6 route show table all | grep -v ' expires '\n\
              echo '# rules'; ip rule; ip -6 rule\n\
              echo '# /etc/resolv.conf'; cat /etc/resolv.conf\n\
-             echo '# resolvconf records'; for f in /run/resolvconf/interface/*; do [ -e \"$f\" ] && { echo \"== $f\"; cat \"$f\"; }; done; true\n\
+             echo '# resolvconf state'; find /run/resolvconf -type f 2>/dev/null | sort | while read -r f; do echo \"== $f\"; cat \"$f\"; done; true\n\
              echo '# teletun records'; ls -A /run/teletun 2>/dev/null; true",
         )
     }

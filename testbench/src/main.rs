@@ -151,9 +151,10 @@ fn scenario_files(files: Vec<PathBuf>) -> Result<Vec<PathBuf>> {
 fn run_scenarios(teletun: &Path, out: &Path, files: Vec<PathBuf>, filter: Option<String>) -> Result<bool> {
     let mut scenarios = Vec::new();
     for path in scenario_files(files)? {
-        let s = scenario::load(&path)?;
-        if filter.as_deref().is_none_or(|f| s.name.contains(f)) {
-            scenarios.push((path, s));
+        for s in scenario::load(&path)? {
+            if filter.as_deref().is_none_or(|f| s.name.contains(f)) {
+                scenarios.push((path.clone(), s));
+            }
         }
     }
     if scenarios.is_empty() {
@@ -162,11 +163,24 @@ fn run_scenarios(teletun: &Path, out: &Path, files: Vec<PathBuf>, filter: Option
     let work = out.join("runs");
     let mut results = Vec::new();
     let total = scenarios.len();
+    let mut described = None;
     for (i, (path, s)) in scenarios.iter().enumerate() {
-        println!("[{}/{total}] {} — {}", i + 1, s.name, s.description);
+        if described != Some(path) {
+            println!(
+                "{}: {}",
+                path.file_name().unwrap_or_default().to_string_lossy(),
+                s.description
+            );
+            described = Some(path);
+        }
+        println!("[{}/{total}] {}", i + 1, s.name);
         let mut case = scenario::run(s, teletun, &work, &mut |c| println!("{}", c.line()));
         let shown = path.strip_prefix(workspace_root()).unwrap_or(path);
-        case.rerun = format!("cargo run -p testbench -- scenario {}", shown.display());
+        case.rerun = format!(
+            "cargo run -p testbench -- scenario {} --filter '{}'",
+            shown.display(),
+            s.name
+        );
         results.push(case);
     }
     println!("\nSummary");

@@ -11,17 +11,51 @@ use crate::cluster::{Cluster, ECHO_PORT, HTTP_PORT};
 use crate::exec::{self, Background};
 use crate::report::{CaseResult, CheckResult, Outcome};
 
-/// A scenario file.
+/// A scenario file as written: steps may hold `{axis}` placeholders that the
+/// matrix fills in.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
+struct ScenarioFile {
+    name: String,
+    #[serde(default)]
+    description: String,
+    /// Axis name → values; every combination is one case.
+    #[serde(default)]
+    matrix: BTreeMap<String, Vec<String>>,
+    #[serde(default)]
+    topology: Option<toml::Value>,
+    step: Vec<toml::Value>,
+}
+
+/// How the cluster of a case is built.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Topology {
+    /// The laptop's DNS management: `debian` (resolvconf), `openresolv`.
+    #[serde(default = "debian")]
+    pub resolvconf: String,
+}
+
+fn debian() -> String {
+    "debian".into()
+}
+
+impl Default for Topology {
+    fn default() -> Self {
+        Topology { resolvconf: debian() }
+    }
+}
+
+/// One runnable case: a scenario with its matrix values filled in.
+#[derive(Debug)]
 pub struct Scenario {
-    /// Short name, used in reports.
+    /// `name` or `name[axis=value,…]`.
     pub name: String,
     /// What it shows.
-    #[serde(default)]
     pub description: String,
+    /// The cluster to build.
+    pub topology: Topology,
     /// The steps, in order.
-    #[serde(rename = "step")]
     pub steps: Vec<Step>,
 }
 
@@ -112,8 +146,33 @@ pub enum Step {
         #[serde(default)]
         ipv6: bool,
     },
-    /// The laptop's network state equals the state before any client ran.
-    LaptopUnchanged,
+    /// The laptop's network state equals the state before any client ran
+    /// (waiting up to `within` seconds for it to get there).
+    LaptopUnchanged {
+        /// Seconds to wait.
+        #[serde(default)]
+        within: u64,
+    },
+    /// Start a client that stops at crash point `point`, then `kill` it:
+    /// SIGINT or SIGTERM (it must clean up and exit 0), SIGKILL (the client
+    /// alone), or SIGKILL-group (its whole process group). For `mid-teardown`
+    /// the client is first brought up and asked to stop with SIGTERM.
+    CrashClient {
+        /// A crash point (see `teletun::crashpoint::POINTS`).
+        point: String,
+        /// SIGINT, SIGTERM, SIGKILL or SIGKILL-group.
+        kill: String,
+    },
+    /// Run `teletun cleanup` on the laptop; it must succeed.
+    TeletunCleanup,
+    /// Kill a running client (SIGKILL, SIGKILL-group, …) without expectations.
+    KillClient {
+        /// Which client.
+        #[serde(default = "main_client")]
+        name: String,
+        /// The signal, or SIGKILL-group.
+        signal: String,
+    },
     /// Run a shell command on `laptop`, `node`, `router` or `pod:NAME`; it must
     /// exit 0 (or fail, with `expect_failure`), and print `expect_output` if given.
     Run {
@@ -203,8 +262,15 @@ impl Step {
             Step::Http { to } => format!("HTTP {to}"),
             Step::Resolve { name, expect } => format!("resolve {name} → {expect}"),
             Step::ConnectBack { from, ipv6 } => format!("{from} connects to the laptop{}", fam(ipv6)),
-            Step::LaptopUnchanged => "laptop state unchanged".into(),
-            Step::Run { on, command, .. } => format!("on {on}: {command}"),
+            Step::LaptopUnchanged { .. } => "laptop state unchanged".into(),
+            Step::CrashClient { point, kill } => format!("client stopped at {point}, then {kill}"),
+            Step::TeletunCleanup => "teletun cleanup".into(),
+            Step::KillClient { name, signal } => format!("kill client {name} with {signal}"),
+            Step::Run { on, command, .. } => {
+                let one_line: String = command.escape_debug().collect();
+                let cut: String = one_line.chars().take(60).collect();
+                format!("on {on}: {cut}{}", if cut.len() < one_line.len() { "…" } else { "" })
+            }
             Step::LogContains { process, text, .. } => format!("{process} log has {text:?}"),
             Step::StartServer { role } => format!("start {role}"),
             Step::StopServer { role, signal } => format!("stop {role} with {signal}"),
@@ -220,10 +286,83 @@ impl Step {
     }
 }
 
-/// Reads and parses a scenario file.
-pub fn load(path: &Path) -> Result<Scenario> {
+/// Reads a scenario file and expands its matrix into cases.
+pub fn load(path: &Path) -> Result<Vec<Scenario>> {
     let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    toml::from_str(&text).map_err(|e| anyhow!("{}: {}", path.display(), e.to_string().trim().replace('\n', " ")))
+    parse(&text).map_err(|e| anyhow!("{}: {}", path.display(), format!("{e:#}").trim().replace('\n', " ")))
+}
+
+fn parse(text: &str) -> Result<Vec<Scenario>> {
+    let file: ScenarioFile = toml::from_str(text)?;
+    let mut combos: Vec<Vec<(&str, &str)>> = vec![Vec::new()];
+    for (axis, values) in &file.matrix {
+        if values.is_empty() {
+            bail!("matrix axis {axis:?} has no values");
+        }
+        combos = combos
+            .into_iter()
+            .flat_map(|c| {
+                values.iter().map(move |v| {
+                    let mut c = c.clone();
+                    c.push((axis.as_str(), v.as_str()));
+                    c
+                })
+            })
+            .collect();
+    }
+    combos
+        .into_iter()
+        .map(|combo| {
+            let fill = |v: &toml::Value| substitute(v, &combo);
+            let topology = match &file.topology {
+                Some(t) => fill(t)?.try_into().context("bad [topology]")?,
+                None => Topology::default(),
+            };
+            let steps = file
+                .step
+                .iter()
+                .enumerate()
+                .map(|(i, v)| fill(v)?.try_into().with_context(|| format!("step {}", i + 1)))
+                .collect::<Result<Vec<Step>>>()?;
+            let name = if combo.is_empty() {
+                file.name.clone()
+            } else {
+                let axes: Vec<String> = combo.iter().map(|(a, v)| format!("{a}={v}")).collect();
+                format!("{}[{}]", file.name, axes.join(","))
+            };
+            Ok(Scenario {
+                name,
+                description: file.description.clone(),
+                topology,
+                steps,
+            })
+        })
+        .collect()
+}
+
+/// Replaces `{axis}` in every string of `v` with the case's value.
+fn substitute(v: &toml::Value, combo: &[(&str, &str)]) -> Result<toml::Value> {
+    Ok(match v {
+        toml::Value::String(s) => {
+            let mut out = s.clone();
+            for (axis, value) in combo {
+                out = out.replace(&format!("{{{axis}}}"), value);
+            }
+            if let (Some(a), Some(b)) = (out.find('{'), out.find('}')) {
+                if a < b && !out[a + 1..b].contains(char::is_whitespace) {
+                    bail!("{:?} names no matrix axis", &out[a..=b]);
+                }
+            }
+            toml::Value::String(out)
+        }
+        toml::Value::Array(a) => toml::Value::Array(a.iter().map(|x| substitute(x, combo)).collect::<Result<_>>()?),
+        toml::Value::Table(t) => toml::Value::Table(
+            t.iter()
+                .map(|(k, x)| Ok((k.clone(), substitute(x, combo)?)))
+                .collect::<Result<_>>()?,
+        ),
+        other => other.clone(),
+    })
 }
 
 /// State while a scenario runs.
@@ -238,7 +377,7 @@ pub fn run(scenario: &Scenario, teletun: &Path, work: &Path, progress: &mut dyn 
     let started = Instant::now();
     let mut checks = Vec::new();
     let t = Instant::now();
-    let mut cluster = match Cluster::build(teletun, work) {
+    let mut cluster = match Cluster::build(teletun, work, &scenario.topology) {
         Ok(c) => c,
         Err(e) => {
             let c = CheckResult::new("build cluster", t.elapsed(), Outcome::Fail(format!("{e:#}")));
@@ -398,12 +537,34 @@ impl Run<'_> {
                 }
                 Ok(())
             }
-            Step::LaptopUnchanged => {
-                let now = self.cluster.laptop.snapshot()?;
-                if now != self.laptop_before {
-                    bail!("laptop state differs:\n{}", diff(&self.laptop_before, &now));
+            Step::LaptopUnchanged { within } => {
+                let deadline = Instant::now() + Duration::from_secs(*within);
+                loop {
+                    let now = self.cluster.laptop.snapshot()?;
+                    if now == self.laptop_before {
+                        return Ok(());
+                    }
+                    if Instant::now() >= deadline {
+                        bail!("laptop state differs:\n{}", diff(&self.laptop_before, &now));
+                    }
+                    exec::check_interrupted()?;
+                    std::thread::sleep(Duration::from_millis(50));
                 }
-                Ok(())
+            }
+            Step::CrashClient { point, kill } => self.crash_client(point, kill),
+            Step::TeletunCleanup => self
+                .laptop_check(&self.cluster.teletun.to_string_lossy(), &["cleanup"])
+                .map(|_| ()),
+            Step::KillClient { name, signal } => {
+                let mut c = self
+                    .clients
+                    .remove(name)
+                    .with_context(|| format!("no running client {name:?}"))?;
+                match signal.as_str() {
+                    "SIGKILL-group" => c.signal_group(libc::SIGKILL),
+                    other => c.signal(signal_number(other)?),
+                }
+                c.wait(Duration::from_secs(10)).map(|_| ())
             }
             Step::Run {
                 on,
@@ -484,6 +645,36 @@ impl Run<'_> {
         }
     }
 
+    fn crash_client(&mut self, point: &str, kill: &str) -> Result<()> {
+        let (signal, group) = match kill {
+            "SIGKILL-group" => (libc::SIGKILL, true),
+            other => (signal_number(other)?, false),
+        };
+        let mut cmd = self.cluster.client_command("client", "server");
+        cmd.env("TELETUN_TESTBENCH_CRASHPOINT", point);
+        let log = self.cluster.dir.join(format!("client-crash-{point}.log"));
+        let mut c = Background::spawn("crashing client", cmd, &log)?;
+        let reached = format!("crashpoint {point} reached");
+        if point == "mid-teardown" {
+            c.wait_for_log("is up", Duration::from_secs(20))?;
+            c.signal(libc::SIGTERM);
+        }
+        c.wait_for_log(&reached, Duration::from_secs(20))?;
+        if group {
+            c.signal_group(signal);
+        } else {
+            c.signal(signal);
+        }
+        let status = c.wait(Duration::from_secs(10))?;
+        if signal != libc::SIGKILL && !status.success() {
+            bail!(
+                "after {kill} at {point} the client exited with {status}: {}",
+                exec::last_lines(&c.log_text(), 3)
+            );
+        }
+        Ok(())
+    }
+
     fn start_client(
         &mut self,
         name: &str,
@@ -547,7 +738,7 @@ mod tests {
         for e in std::fs::read_dir(dir).unwrap() {
             let p = e.unwrap().path();
             if p.extension().is_some_and(|x| x == "toml") {
-                load(&p).unwrap();
+                assert!(!load(&p).unwrap().is_empty());
                 n += 1;
             }
         }
@@ -556,8 +747,31 @@ mod tests {
 
     #[test]
     fn unknown_keys_and_steps_are_errors() {
-        assert!(toml::from_str::<Scenario>("name='x'\n[[step]]\ndo='ping'\nto='app'\ncolour='red'\n").is_err());
-        assert!(toml::from_str::<Scenario>("name='x'\n[[step]]\ndo='dance'\n").is_err());
-        assert!(toml::from_str::<Scenario>("name='x'\n[[step]]\ndo='ping'\nto='app'\n").is_ok());
+        assert!(parse("name='x'\n[[step]]\ndo='ping'\nto='app'\ncolour='red'\n").is_err());
+        assert!(parse("name='x'\n[[step]]\ndo='dance'\n").is_err());
+        assert!(parse("name='x'\n[[step]]\ndo='ping'\nto='app'\n").is_ok());
+        assert!(parse("name='x'\n[topology]\nsize='huge'\n[[step]]\ndo='start-servers'\n").is_err());
+    }
+
+    #[test]
+    fn the_matrix_expands_into_named_cases() {
+        let cases = parse(
+            "name='crash'\n[matrix]\nkill=['SIGINT','SIGKILL']\nresolvconf=['debian','openresolv']\n\
+             [topology]\nresolvconf='{resolvconf}'\n[[step]]\ndo='crash-client'\npoint='after-dns'\nkill='{kill}'\n",
+        )
+        .unwrap();
+        let names: Vec<&str> = cases.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "crash[kill=SIGINT,resolvconf=debian]",
+                "crash[kill=SIGINT,resolvconf=openresolv]",
+                "crash[kill=SIGKILL,resolvconf=debian]",
+                "crash[kill=SIGKILL,resolvconf=openresolv]"
+            ]
+        );
+        assert_eq!(cases[1].topology.resolvconf, "openresolv");
+        assert!(matches!(&cases[2].steps[0], Step::CrashClient { kill, .. } if kill == "SIGKILL"));
+        assert!(parse("name='x'\n[[step]]\ndo='crash-client'\npoint='{nope}'\nkill='SIGINT'\n").is_err());
     }
 }

@@ -53,6 +53,21 @@ fn server_restarts() {
 }
 
 #[test]
+fn server_failures_end_the_session_cleanly() {
+    run_scenario("server-failures.toml");
+}
+
+#[test]
+fn crash_matrix_leaves_the_laptop_as_it_was() {
+    run_scenario("crash.toml");
+}
+
+#[test]
+fn cleanup_undoes_only_dead_clients() {
+    run_scenario("cleanup.toml");
+}
+
+#[test]
 fn every_scenario_file_has_a_test() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scenarios");
     let this = std::fs::read_to_string(file!()).unwrap_or_else(|_| {

@@ -31,13 +31,18 @@ pub struct Record {
     pub dns_registered: bool,
 }
 
-/// A process's start time from `/proc/PID/stat`, if it exists.
+/// A running (not zombie) process's start time from `/proc/PID/stat`.
 pub fn process_start_time(pid: u32) -> Option<u64> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name may contain spaces and parentheses; fields resume after the last ')'.
     let rest = &stat[stat.rfind(')')? + 1..];
-    // Field 22 overall is the 20th after the name (state is the 1st).
-    rest.split_whitespace().nth(19)?.parse().ok()
+    let mut fields = rest.split_whitespace();
+    // A zombie has released everything it held: it counts as dead.
+    if matches!(fields.next()?, "Z" | "X") {
+        return None;
+    }
+    // Field 22 overall is the 19th after the state.
+    fields.nth(18)?.parse().ok()
 }
 
 impl Record {
@@ -85,6 +90,12 @@ impl Record {
     }
 }
 
+/// Reads one record.
+pub fn load(path: &Path) -> Result<Record> {
+    let data = fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    serde_json::from_slice(&data).with_context(|| format!("{} is not a TeleTUN record", path.display()))
+}
+
 /// Every record on this machine, with the file it came from. Unreadable files
 /// are returned as errors so cleanup can report them.
 pub fn load_all() -> Vec<(PathBuf, Result<Record>)> {
@@ -102,11 +113,6 @@ pub fn load_all() -> Vec<(PathBuf, Result<Record>)> {
         .collect();
     out.sort_by(|a, b| a.0.cmp(&b.0));
     out
-}
-
-fn load(path: &Path) -> Result<Record> {
-    let data = fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-    serde_json::from_slice(&data).with_context(|| format!("{} is not a TeleTUN record", path.display()))
 }
 
 #[cfg(test)]

@@ -1,11 +1,37 @@
 //! `teletun cleanup`: undo what dead client instances left behind (DNS entries;
 //! their TUN devices, addresses and routes died with them), and nothing else.
 
+use std::path::Path;
+
 use anyhow::Result;
 use tracing::{info, warn};
 
+use crate::netconf::dns;
 use crate::netconf::netlink::Netlink;
-use crate::netconf::{dns, record};
+use crate::netconf::record::{self, Record};
+
+/// Undoes what the dead client of `rec` (read from `path`) left: its DNS entry,
+/// unless an interface of that name exists again (then both belong to someone
+/// else), and the record itself.
+pub async fn undo_record(netlink: &Netlink, rec: &Record, path: &Path) -> Result<()> {
+    if rec.dns_registered {
+        if netlink.link_index(&rec.iface).await?.is_some() {
+            warn!(
+                "{} exists again but not as the dead client pid {}'s device; leaving its DNS entry alone",
+                rec.iface, rec.pid
+            );
+        } else {
+            dns::unregister(&rec.iface).await?;
+        }
+    }
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e.into()),
+    }
+    info!("cleaned up after dead client pid {} ({})", rec.pid, rec.iface);
+    Ok(())
+}
 
 /// Undoes the changes of every client instance that is no longer running.
 /// Records of live instances are left alone. Returns how many were cleaned.
@@ -29,30 +55,10 @@ pub async fn undo_dead_instances(verbose: bool) -> Result<usize> {
             }
             continue;
         }
-        if rec.dns_registered {
-            if netlink.is_none() {
-                netlink = Some(Netlink::connect()?);
-            }
-            let nl = netlink.as_ref().expect("just set");
-            // A dead client's TUN is gone; an interface of that name now belongs to
-            // someone else, and so does any DNS entry under its name.
-            if nl.link_index(&rec.iface).await?.is_some() {
-                warn!(
-                    "{} exists again but not as the dead client pid {}'s device; leaving its DNS entry alone",
-                    rec.iface, rec.pid
-                );
-            } else {
-                dns::unregister(&rec.iface).await?;
-            }
+        if netlink.is_none() {
+            netlink = Some(Netlink::connect()?);
         }
-        std::fs::remove_file(&path).or_else(|e| {
-            if e.kind() == std::io::ErrorKind::NotFound {
-                Ok(())
-            } else {
-                Err(e)
-            }
-        })?;
-        info!("cleaned up after dead client pid {} ({})", rec.pid, rec.iface);
+        undo_record(netlink.as_ref().expect("just set"), &rec, &path).await?;
         cleaned += 1;
     }
     Ok(cleaned)

@@ -25,6 +25,7 @@ use crate::transport::dtls::{self, DtlsError, DtlsSession, Role, DTLS_OVERHEAD};
 use crate::transport::link::DtlsLink;
 
 use super::cleanup;
+use super::guard::Guard;
 
 /// Everything `teletun client` needs, already validated by the CLI.
 pub struct ClientConfig {
@@ -52,6 +53,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 enum End {
     Signal(&'static str),
     ServerClosed,
+    ServerVanished,
     ControlFailed(String),
     DataPlane(String),
 }
@@ -79,8 +81,9 @@ impl Signals {
 }
 
 /// What this run changed, so it can be undone.
-#[derive(Default)]
 struct Changes {
+    /// Undoes `record` if this process dies before it does so itself.
+    guard: Option<Guard>,
     record: Option<Record>,
     tun: Option<Arc<Tun>>,
 }
@@ -90,7 +93,11 @@ pub async fn run(config: ClientConfig) -> Result<()> {
     // Undo what dead instances left before adding anything.
     cleanup::undo_dead_instances(false).await?;
     let mut signals = Signals::new()?;
-    let mut changes = Changes::default();
+    let mut changes = Changes {
+        guard: Some(Guard::start()?),
+        record: None,
+        tun: None,
+    };
     // A signal during set-up drops `session` at its current step; `undo` follows.
     let outcome = session(&config, &mut changes, &mut signals).await;
     let undo = undo(&mut changes).await;
@@ -104,6 +111,11 @@ pub async fn run(config: ClientConfig) -> Result<()> {
         End::ServerClosed => {
             bail!("the server ended the session (control connection closed); removed the tunnel and its DNS entry")
         }
+        End::ServerVanished => bail!(
+            "the server at {} went away without ending the session (connection closed without TLS close_notify); \
+             removed the tunnel and its DNS entry",
+            config.server
+        ),
         End::ControlFailed(e) => bail!(
             "lost the control connection to {}: {e}; removed the tunnel and its DNS entry",
             config.server
@@ -122,7 +134,7 @@ async fn undo(changes: &mut Changes) -> Result<()> {
             }
         }
     }
-    crate::crashpoint::reached("mid-teardown");
+    crate::crashpoint::reached("mid-teardown").await;
     // Closing the last descriptor deletes the TUN device, and its addresses and routes with it.
     changes.tun = None;
     if let Some(record) = changes.record.take() {
@@ -130,7 +142,16 @@ async fn undo(changes: &mut Changes) -> Result<()> {
             first_error.get_or_insert(e);
         }
     }
-    first_error.map_or(Ok(()), Err)
+    match first_error {
+        None => {
+            if let Some(guard) = changes.guard.take() {
+                guard.done();
+            }
+            Ok(())
+        }
+        // The guard sees its pipe close when we exit, and tries again.
+        Some(e) => Err(e),
+    }
 }
 
 fn explain_tls(e: std::io::Error, config: &ClientConfig) -> anyhow::Error {
@@ -162,14 +183,17 @@ async fn session(config: &ClientConfig, changes: &mut Changes, signals: &mut Sig
         link,
         mut plane,
     } = tokio::select! {
-        t = establish(config, changes) => t?,
+        biased;
         sig = signals.next() => return Ok(End::Signal(sig)),
+        t = establish(config, changes) => t?,
     };
-    crate::crashpoint::reached("mid-traffic");
+    crate::crashpoint::reached("mid-traffic").await;
     let end = tokio::select! {
+        biased;
         sig = signals.next() => End::Signal(sig),
         r = channel::wait_closed(&mut control) => match r {
-            Ok(_) => End::ServerClosed,
+            Ok(channel::Closed::Cleanly) => End::ServerClosed,
+            Ok(channel::Closed::Abruptly) => End::ServerVanished,
             Err(e) => End::ControlFailed(format!("{e:#}")),
         },
         exit = plane.ended() => match exit.result {
@@ -257,8 +281,11 @@ async fn establish(config: &ClientConfig, changes: &mut Changes) -> Result<Tunne
     let record = Record::for_self(tun.name());
     record.save()?;
     changes.record = Some(record.clone());
+    if let Some(guard) = changes.guard.as_mut() {
+        guard.watch(&record.path())?;
+    }
     changes.tun = Some(tun.clone());
-    crate::crashpoint::reached("after-tun");
+    crate::crashpoint::reached("after-tun").await;
     configure(config, &hello, &tun, changes).await?;
     let link = DtlsLink::new(session, udp, None);
     let plane = DataPlane::start(
@@ -286,7 +313,7 @@ async fn configure(config: &ClientConfig, hello: &Hello, tun: &Tun, changes: &mu
         let prefix = if address.is_ipv4() { 32 } else { 128 };
         netlink.add_address(index, address, prefix).await?;
     }
-    crate::crashpoint::reached("after-addresses");
+    crate::crashpoint::reached("after-addresses").await;
     let has_v6 = hello.addresses.iter().any(IpAddr::is_ipv6);
     for &route in &config.routes {
         if route.addr().is_ipv6() && !has_v6 {
@@ -301,13 +328,13 @@ async fn configure(config: &ClientConfig, hello: &Hello, tun: &Tun, changes: &mu
         }
         netlink.add_route(route, index).await?;
     }
-    crate::crashpoint::reached("after-routes");
+    crate::crashpoint::reached("after-routes").await;
     if !config.no_dns {
         let record = changes.record.as_mut().expect("record exists once the TUN does");
         record.dns_registered = true;
         record.save()?;
         dns::register(tun.name(), &hello.resolv_conf).await?;
-        crate::crashpoint::reached("after-dns");
+        crate::crashpoint::reached("after-dns").await;
     }
     Ok(())
 }

@@ -3,6 +3,7 @@
 
 pub mod cleanup;
 pub mod client;
+pub mod guard;
 pub mod keygen;
 pub mod server_cluster;
 pub mod server_external;

@@ -13,7 +13,7 @@
 //!   forwarding sends them out of the pod interface.
 
 use std::net::IpAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -52,32 +52,54 @@ pub struct ServerClusterConfig {
 /// moving the pod's IPv6 address off its interface.
 const PREFIX_ROUTE_METRIC: u32 = 4242;
 
-struct Takeover {
-    netlink: Netlink,
-    /// Kernel parameters changed, with their previous values.
-    sysctls: std::sync::Mutex<Vec<(String, String)>>,
+/// What a takeover changed, written to disk before each change so that a
+/// server-cluster restarted in the same pod (after a crash) can put the pod back
+/// first. Kept beside the socket: that directory outlives container restarts.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct TakeoverState {
+    /// The pod interface's name.
     interface: String,
-    interface_index: u32,
     /// The pod's addresses with prefix lengths.
     addresses: Vec<(IpAddr, u8)>,
+    /// Kernel parameters changed, with their previous values, in order.
+    sysctls: Vec<(String, String)>,
+}
+
+impl TakeoverState {
+    fn save(&self, path: &Path) -> Result<()> {
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, serde_json::to_vec_pretty(self)?)
+            .with_context(|| format!("cannot write {}", tmp.display()))?;
+        std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
+    }
+}
+
+struct Takeover {
+    netlink: Netlink,
+    state: std::sync::Mutex<TakeoverState>,
+    state_file: PathBuf,
+    interface_index: u32,
     tun_index: u32,
     tun_name: String,
 }
 
 impl Takeover {
-    /// IPv4 keeps its address (so ARP keeps answering) and steers packets for
-    /// it to the TUN with a policy rule placed before the `local` table.
+    /// IPv4 keeps its address (so the kernel keeps using it as its source) and
+    /// steers packets for it to the TUN with a policy rule placed before the
+    /// `local` table.
     ///
     /// IPv6 cannot do the same: Neighbor Advertisements are IP packets addressed
     /// to the pod IP, and the rule would send them to the client. So the IPv6
     /// address moves off the pod interface, is routed to the TUN, and the pod
     /// interface answers neighbour solicitations for it by proxy NDP.
     async fn apply(&self) -> Result<()> {
-        let (iface, tun) = (&self.interface, &self.tun_name);
+        let snapshot = self.snapshot();
+        snapshot.save(&self.state_file)?;
+        let (iface, tun) = (&snapshot.interface, &self.tun_name);
         self.set("net.ipv4.ip_forward", "1")?;
         sysctl::set(&format!("net.ipv4.conf.{tun}.accept_local"), "1")?;
         sysctl::set(&format!("net.ipv4.conf.{tun}.rp_filter"), "0")?;
-        if let Some(&(v4, _)) = self.addresses.iter().find(|(a, _)| a.is_ipv4()) {
+        if let Some(&(v4, _)) = snapshot.addresses.iter().find(|(a, _)| a.is_ipv4()) {
             // ARP looks up the target as a packet arriving on the pod interface
             // would, so our rule makes the kernel stop answering for the pod IP as
             // its own; proxy ARP answers instead (the route leads to another device).
@@ -108,7 +130,12 @@ impl Takeover {
                 self.netlink.del_rule(r).await?;
             }
         }
-        let v6: Vec<(IpAddr, u8)> = self.addresses.iter().copied().filter(|(a, _)| a.is_ipv6()).collect();
+        let v6: Vec<(IpAddr, u8)> = snapshot
+            .addresses
+            .iter()
+            .copied()
+            .filter(|(a, _)| a.is_ipv6())
+            .collect();
         if !v6.is_empty() {
             self.set("net.ipv6.conf.all.forwarding", "1")?;
             self.set(&format!("net.ipv6.conf.{iface}.proxy_ndp"), "1")?;
@@ -127,60 +154,96 @@ impl Takeover {
         Ok(())
     }
 
-    /// Sets a sysctl, remembering the old value for `undo`.
+    fn snapshot(&self) -> TakeoverState {
+        self.state.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    /// Sets a sysctl, recording the old value first.
     fn set(&self, key: &str, value: &str) -> Result<()> {
         let old = sysctl::get(key)?;
-        sysctl::set(key, value)?;
-        if let Ok(mut v) = self.sysctls.lock() {
-            v.push((key.to_owned(), old));
-        }
-        Ok(())
+        let mut state = self.state.lock().map_err(|_| anyhow!("takeover state lock poisoned"))?;
+        state.sysctls.push((key.to_owned(), old));
+        state.save(&self.state_file)?;
+        drop(state);
+        sysctl::set(key, value)
     }
 
     /// Puts the pod back as it was. Routes via the TUN die with it.
     async fn undo(&self) -> Result<()> {
-        let changed = self
-            .sysctls
-            .lock()
-            .map(|mut v| std::mem::take(&mut *v))
-            .unwrap_or_default();
-        for (key, old) in changed.iter().rev() {
-            if let Err(e) = sysctl::set(key, old) {
-                warn!("{e:#}");
-            }
-        }
-        let rules = self.netlink.rules(false).await?;
-        if !rules.iter().any(|r| r.table == TABLE_LOCAL && r.priority == 0) {
-            self.netlink.add_rule(false, 0, TABLE_LOCAL, None, None).await?;
-        }
-        for r in rules.iter().filter(|r| {
-            (r.table == TABLE_LOCAL && r.priority == LOCAL_PRIORITY)
-                || (r.table == TAKEOVER_TABLE && r.priority == TAKEOVER_PRIORITY)
-        }) {
-            self.netlink.del_rule(r).await?;
-        }
-        let present: Vec<IpAddr> = self
-            .netlink
-            .addresses(self.interface_index)
-            .await?
-            .into_iter()
-            .map(|(a, _)| a)
-            .collect();
-        for &(ip, prefix) in self.addresses.iter().filter(|(a, _)| a.is_ipv6()) {
-            let _ = self.netlink.del_proxy_neighbour(self.interface_index, ip).await;
-            if !present.contains(&ip) {
-                self.netlink.add_address(self.interface_index, ip, prefix).await?;
-            }
-            if prefix < 128 {
-                let on_link = IpNet::new(ip, prefix)?.trunc();
-                let _ = self
-                    .netlink
-                    .del_route_metric(on_link, self.interface_index, PREFIX_ROUTE_METRIC)
-                    .await;
-            }
-        }
-        Ok(())
+        undo_takeover(&self.netlink, &self.snapshot(), self.interface_index).await?;
+        remove_if_present(&self.state_file)
     }
+}
+
+fn remove_if_present(path: &Path) -> Result<()> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(e).with_context(|| format!("cannot remove {}", path.display()))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Reverses a takeover described by `state` on interface `index`: rules,
+/// the moved IPv6 addresses, proxy entries, the re-added prefix routes, sysctls.
+async fn undo_takeover(netlink: &Netlink, state: &TakeoverState, index: u32) -> Result<()> {
+    for (key, old) in state.sysctls.iter().rev() {
+        if let Err(e) = sysctl::set(key, old) {
+            warn!("{e:#}");
+        }
+    }
+    let rules = netlink.rules(false).await?;
+    if !rules.iter().any(|r| r.table == TABLE_LOCAL && r.priority == 0) {
+        netlink.add_rule(false, 0, TABLE_LOCAL, None, None).await?;
+    }
+    for r in rules.iter().filter(|r| {
+        (r.table == TABLE_LOCAL && r.priority == LOCAL_PRIORITY)
+            || (r.table == TAKEOVER_TABLE && r.priority == TAKEOVER_PRIORITY)
+    }) {
+        netlink.del_rule(r).await?;
+    }
+    let present: Vec<IpAddr> = netlink.addresses(index).await?.into_iter().map(|(a, _)| a).collect();
+    for &(ip, prefix) in state.addresses.iter().filter(|(a, _)| a.is_ipv6()) {
+        let _ = netlink.del_proxy_neighbour(index, ip).await;
+        if !present.contains(&ip) {
+            netlink.add_address(index, ip, prefix).await?;
+        }
+        if prefix < 128 {
+            let on_link = IpNet::new(ip, prefix)?.trunc();
+            let _ = netlink.del_route_metric(on_link, index, PREFIX_ROUTE_METRIC).await;
+        }
+    }
+    Ok(())
+}
+
+/// The state file for a socket path.
+fn state_file(sockfile: &Path) -> PathBuf {
+    let mut name = sockfile.as_os_str().to_owned();
+    name.push(".takeover.json");
+    PathBuf::from(name)
+}
+
+/// If an earlier server-cluster in this pod died mid-takeover, put the pod back.
+async fn recover_leftovers(netlink: &Netlink, path: &Path) -> Result<()> {
+    let Ok(data) = std::fs::read(path) else {
+        return Ok(());
+    };
+    let state: TakeoverState = serde_json::from_slice(&data).with_context(|| {
+        format!(
+            "{} is not a takeover record; remove it if no server-cluster runs",
+            path.display()
+        )
+    })?;
+    let index = netlink
+        .link_index(&state.interface)
+        .await?
+        .ok_or_else(|| anyhow!("{} names interface {}, which is gone", path.display(), state.interface))?;
+    warn!(
+        "an earlier server-cluster left its takeover of {} in place; undoing it first",
+        state.interface
+    );
+    undo_takeover(netlink, &state, index).await?;
+    remove_if_present(path)
 }
 
 async fn pod_interface(netlink: &Netlink, configured: Option<&str>) -> Result<(String, u32)> {
@@ -218,6 +281,11 @@ pub async fn run(config: ServerClusterConfig) -> Result<()> {
     let resolv_conf = std::fs::read_to_string(&config.resolv_conf)
         .with_context(|| format!("cannot read {} (--resolv-conf)", config.resolv_conf.display()))?;
     let netlink = Netlink::connect()?;
+    let state_file = state_file(&config.sockfile);
+    if let Some(dir) = state_file.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create directory {}", dir.display()))?;
+    }
+    recover_leftovers(&netlink, &state_file).await?;
     let (interface, index) = pod_interface(&netlink, config.interface.as_deref()).await?;
     let mut addresses: Vec<(IpAddr, u8)> = netlink
         .addresses(index)
@@ -255,10 +323,13 @@ pub async fn run(config: ServerClusterConfig) -> Result<()> {
     let tun = Arc::new(Tun::create("teletun%d", mtu)?);
     let takeover = Takeover {
         netlink,
-        sysctls: Default::default(),
-        interface: interface.clone(),
+        state: std::sync::Mutex::new(TakeoverState {
+            interface: interface.clone(),
+            addresses,
+            sysctls: Vec::new(),
+        }),
+        state_file,
         interface_index: index,
-        addresses,
         tun_index: tun.index()?,
         tun_name: tun.name().to_owned(),
     };

@@ -217,6 +217,9 @@ async fn serve_session(
         )
         .await;
     };
+    // Stale datagrams of an earlier session must go before the new client's
+    // ClientHello can arrive, i.e. before it hears from us.
+    dtls::drain(shared.udp.as_raw_fd());
     control.write_all(&hello.encode()?).await?;
     control.flush().await?;
     info!("session for {peer} started: sent {hello}");

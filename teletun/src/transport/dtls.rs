@@ -255,12 +255,6 @@ impl DtlsSession {
         let mut inbox = PacketBatch::new();
         let mut outbox = PacketBatch::new();
         let io_err = |e: io::Error| DtlsError::Other(e.to_string());
-        if self.role == Role::Server {
-            // Whatever waits in the shared socket belongs to no session now.
-            while matches!(sys::recv_batch(fd, &mut inbox), Ok((n, _)) if n > 0) {
-                inbox.clear();
-            }
-        }
         loop {
             let result = self.stream.do_handshake();
             self.take_outbound(&mut outbox);
@@ -406,6 +400,15 @@ impl DtlsSession {
     /// Sends close_notify into the outbound queue (take it with [`Self::take_outbound`]).
     pub fn close(&mut self) {
         let _ = self.stream.shutdown();
+    }
+}
+
+/// Discards every datagram waiting on `fd`. The server calls it before it
+/// greets a new client: what waits then belongs to no session.
+pub fn drain(fd: RawFd) {
+    let mut scratch = PacketBatch::new();
+    while matches!(sys::recv_batch(fd, &mut scratch), Ok((n, _)) if n > 0) {
+        scratch.clear();
     }
 }
 
