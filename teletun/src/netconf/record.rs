@@ -133,4 +133,16 @@ mod tests {
             "a pid with another start time is another process"
         );
     }
+
+    #[test]
+    fn a_zombie_counts_as_dead() {
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        // Let it exit without reaping it.
+        while fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z")) {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert_eq!(process_start_time(pid), None);
+        child.wait().unwrap();
+    }
 }
