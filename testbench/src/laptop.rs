@@ -16,9 +16,13 @@ pub fn cache_dir() -> PathBuf {
     std::env::var_os("TESTBENCH_CACHE").map_or_else(|| PathBuf::from("/var/cache/teletun-testbench"), PathBuf::from)
 }
 
-/// Downloads and unpacks a Debian package once; returns the unpacked tree.
-pub fn debian_package(name: &str) -> Result<PathBuf> {
-    let root = cache_dir().join(name);
+/// Downloads and unpacks a Debian package once (at `version`, or the
+/// archive's candidate); returns the unpacked tree.
+pub fn debian_package(name: &str, version: Option<&str>) -> Result<PathBuf> {
+    let root = cache_dir().join(match version {
+        Some(v) => format!("{name}_{}", v.replace([':', '~', '+'], "_")),
+        None => name.to_owned(),
+    });
     let tree = root.join("tree");
     std::fs::create_dir_all(&root).with_context(|| format!("cannot create {}", root.display()))?;
     // Parallel runs share the cache: one downloads, the others wait.
@@ -30,15 +34,16 @@ pub fn debian_package(name: &str) -> Result<PathBuf> {
     if tree.join(".complete").exists() {
         return Ok(tree);
     }
+    let spec = version.map_or_else(|| name.to_owned(), |v| format!("{name}={v}"));
     eprintln!(
-        "testbench: downloading Debian package {name} into {} (once)",
+        "testbench: downloading Debian package {spec} into {} (once)",
         root.display()
     );
     let mut dl = Command::new("apt-get");
-    dl.args(["download", "-q", "-o", "APT::Sandbox::User=root", name])
+    dl.args(["download", "-q", "-o", "APT::Sandbox::User=root", &spec])
         .current_dir(&root);
     exec::run(dl, std::time::Duration::from_secs(300))
-        .with_context(|| format!("cannot download the Debian package {name}; run `apt-get update` first"))?;
+        .with_context(|| format!("cannot download the Debian package {spec}; run `apt-get update` first"))?;
     let deb = std::fs::read_dir(&root)?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .find(|p| p.extension().is_some_and(|x| x == "deb"))
@@ -76,6 +81,45 @@ pub enum DnsVariant {
     Debian,
     /// `openresolv`: writes `/etc/resolv.conf` itself.
     Openresolv,
+    /// systemd-resolved on a private system D-Bus; `/etc/resolv.conf` → its stub.
+    Resolved,
+}
+
+fn installed_version(package: &str) -> Result<String> {
+    let mut q = Command::new("dpkg-query");
+    q.args(["-W", "-f=${Version}", package]);
+    let v = exec::run(q, CMD_TIMEOUT).with_context(|| format!("{package} is not installed"))?;
+    Ok(v.trim().to_owned())
+}
+
+/// systemd-resolved at the version of this machine's systemd libraries, or, if
+/// the archive no longer has that version, its current one together with the
+/// matching private library.
+fn resolved_packages() -> Result<Vec<PathBuf>> {
+    let version = installed_version("libsystemd-shared")?;
+    match debian_package("systemd-resolved", Some(&version)) {
+        Ok(tree) => Ok(vec![tree]),
+        Err(e) => {
+            eprintln!("testbench: {e:#}; using the archive's systemd-resolved with its libsystemd-shared");
+            Ok(vec![
+                debian_package("systemd-resolved", None)?,
+                debian_package("libsystemd-shared", None)?,
+            ])
+        }
+    }
+}
+
+/// A user line for systemd-resolved's account, with a uid and gid free in `passwd`/`group`.
+fn resolved_account(passwd: &str, group: &str) -> (String, String) {
+    let taken = |text: &str, id: u32| text.lines().any(|l| l.split(':').nth(2) == Some(&id.to_string()));
+    let id = (900..999)
+        .rev()
+        .find(|&i| !taken(passwd, i) && !taken(group, i))
+        .unwrap_or(997);
+    (
+        format!("systemd-resolve:x:{id}:{id}:systemd Resolver:/:/usr/sbin/nologin\n"),
+        format!("systemd-resolve:x:{id}:\n"),
+    )
 }
 
 impl DnsVariant {
@@ -84,14 +128,16 @@ impl DnsVariant {
         match name {
             "debian" => Ok(DnsVariant::Debian),
             "openresolv" => Ok(DnsVariant::Openresolv),
-            other => bail!("unknown resolvconf variant {other:?}: use debian or openresolv"),
+            "systemd-resolved" => Ok(DnsVariant::Resolved),
+            other => bail!("unknown resolvconf variant {other:?}: use debian, openresolv or systemd-resolved"),
         }
     }
 
-    fn package(self) -> &'static str {
+    fn packages(self) -> Result<Vec<PathBuf>> {
         match self {
-            DnsVariant::Debian => "resolvconf",
-            DnsVariant::Openresolv => "openresolv",
+            DnsVariant::Debian => Ok(vec![debian_package("resolvconf", None)?]),
+            DnsVariant::Openresolv => Ok(vec![debian_package("openresolv", None)?]),
+            DnsVariant::Resolved => resolved_packages(),
         }
     }
 }
@@ -99,19 +145,31 @@ impl DnsVariant {
 impl Laptop {
     /// Sets up the mount namespace for `ns` with the chosen DNS manager in it.
     pub fn create(ns: Netns, dir: &Path, variant: DnsVariant) -> Result<Laptop> {
-        let pkg = debian_package(variant.package())?;
+        let packages = variant.packages()?;
+        let pkg = &packages[0];
         let root = dir.join("laptop-fs");
-        // Merged /usr: the package's /sbin and /lib land under /usr.
+        // Merged /usr: the packages' /sbin, /lib and /bin land under /usr.
         let stage = root.join("stage");
-        copy_tree(&pkg.join("sbin"), &stage.join("usr/sbin"))?;
-        copy_tree(&pkg.join("lib"), &stage.join("usr/lib"))?;
+        for tree in &packages {
+            for (from, to) in [
+                ("usr", "usr"),
+                ("sbin", "usr/sbin"),
+                ("lib", "usr/lib"),
+                ("bin", "usr/bin"),
+            ] {
+                if tree.join(from).is_dir() {
+                    copy_tree(&tree.join(from), &stage.join(to))?;
+                }
+            }
+        }
         let etc_up = root.join("etc-upper");
         std::fs::create_dir_all(&etc_up)?;
+        let log = dir.join("systemd-resolved.log");
         let init = match variant {
             DnsVariant::Debian => {
                 copy_tree(&pkg.join("etc/resolvconf"), &etc_up.join("resolvconf"))?;
                 std::os::unix::fs::symlink("../run/resolvconf/resolv.conf", etc_up.join("resolv.conf"))?;
-                "mkdir -p /run/resolvconf/interface\ntouch /run/resolvconf/enable-updates\nresolvconf -u\n"
+                "mkdir -p /run/resolvconf/interface\ntouch /run/resolvconf/enable-updates\nresolvconf -u\n".to_owned()
             }
             DnsVariant::Openresolv => {
                 std::fs::copy(pkg.join("etc/resolvconf.conf"), etc_up.join("resolvconf.conf"))?;
@@ -119,7 +177,38 @@ impl Laptop {
                     etc_up.join("resolv.conf"),
                     "# the laptop's resolv.conf before TeleTUN\n",
                 )?;
-                "resolvconf -u\n"
+                "resolvconf -u\n".to_owned()
+            }
+            DnsVariant::Resolved => {
+                // Only the running daemon may answer; no D-Bus activation.
+                let _ = std::fs::remove_file(
+                    stage.join("usr/share/dbus-1/system-services/org.freedesktop.resolve1.service"),
+                );
+                let (passwd, group) = (
+                    std::fs::read_to_string("/etc/passwd")?,
+                    std::fs::read_to_string("/etc/group")?,
+                );
+                if !passwd.lines().any(|l| l.starts_with("systemd-resolve:")) {
+                    let (user, grp) = resolved_account(&passwd, &group);
+                    std::fs::write(etc_up.join("passwd"), passwd + &user)?;
+                    std::fs::write(etc_up.join("group"), group + &grp)?;
+                }
+                std::fs::create_dir_all(etc_up.join("systemd"))?;
+                // LLMNR and mDNS would stall lookups for seconds here.
+                std::fs::write(
+                    etc_up.join("systemd/resolved.conf"),
+                    "[Resolve]\nLLMNR=no\nMulticastDNS=no\nDNSStubListener=yes\n",
+                )?;
+                std::os::unix::fs::symlink("../run/systemd/resolve/stub-resolv.conf", etc_up.join("resolv.conf"))?;
+                format!(
+                    "mkdir -p /run/dbus /run/systemd/resolve\n\
+                     chown systemd-resolve:systemd-resolve /run/systemd/resolve\n\
+                     dbus-daemon --system --fork --nopidfile\n\
+                     setsid /lib/systemd/systemd-resolved >{log} 2>&1 < /dev/null &\n\
+                     for i in $(seq 100); do resolvectl status >/dev/null 2>&1 && break; sleep 0.05; done\n\
+                     resolvectl status >/dev/null\n",
+                    log = log.display()
+                )
             }
         };
         for d in ["etc-work", "usr-upper", "usr-work"] {
@@ -160,9 +249,10 @@ impl Laptop {
         let ok = match variant {
             DnsVariant::Debian => probe.contains("/run/resolvconf/resolv.conf"),
             DnsVariant::Openresolv => probe.contains("openresolv"),
+            DnsVariant::Resolved => probe.contains("stub-resolv.conf"),
         };
         if !ok {
-            bail!("the laptop's {} is not in place: {probe}", variant.package());
+            bail!("the laptop's DNS manager ({variant:?}) is not in place: {probe}");
         }
         Ok(laptop)
     }
@@ -194,6 +284,7 @@ impl Laptop {
              echo '# rules'; ip rule; ip -6 rule\n\
              echo '# /etc/resolv.conf'; cat /etc/resolv.conf\n\
              echo '# resolvconf state'; find /run/resolvconf -type f 2>/dev/null | sort | while read -r f; do echo \"== $f\"; cat \"$f\"; done; true\n\
+             echo '# systemd-resolved links'; resolvectl dns 2>/dev/null; resolvectl domain 2>/dev/null\n\
              echo '# teletun records'; ls -A /run/teletun 2>/dev/null; true",
         )
     }

@@ -195,6 +195,9 @@ pub enum Step {
         /// Seconds to wait for it.
         #[serde(default = "ten")]
         within: u64,
+        /// Require the text to be absent instead (checked at once).
+        #[serde(default)]
+        absent: bool,
     },
     /// Start one server role alone (`server-cluster` or `server-external`).
     StartServer {
@@ -271,7 +274,18 @@ impl Step {
                 let cut: String = one_line.chars().take(60).collect();
                 format!("on {on}: {cut}{}", if cut.len() < one_line.len() { "…" } else { "" })
             }
-            Step::LogContains { process, text, .. } => format!("{process} log has {text:?}"),
+            Step::LogContains {
+                process,
+                text,
+                absent: false,
+                ..
+            } => format!("{process} log has {text:?}"),
+            Step::LogContains {
+                process,
+                text,
+                absent: true,
+                ..
+            } => format!("{process} log lacks {text:?}"),
             Step::StartServer { role } => format!("start {role}"),
             Step::StopServer { role, signal } => format!("stop {role} with {signal}"),
             Step::ClientExits { name, expect_error, .. } => format!("client {name} exits with {expect_error:?}"),
@@ -598,15 +612,23 @@ impl Run<'_> {
                 }
                 Ok(())
             }
-            Step::LogContains { process, text, within } => {
-                let deadline = Instant::now() + Duration::from_secs(*within);
+            Step::LogContains {
+                process,
+                text,
+                within,
+                absent,
+            } => {
+                let deadline = Instant::now() + Duration::from_secs(if *absent { 0 } else { *within });
                 loop {
                     let log = match process.strip_prefix("client:") {
                         Some(name) => std::fs::read_to_string(self.cluster.dir.join(format!("client-{name}.log")))?,
                         None => self.cluster.process_mut(process)?.log_text(),
                     };
-                    if log.contains(text.as_str()) {
-                        return Ok(());
+                    match (log.contains(text.as_str()), absent) {
+                        (true, false) => return Ok(()),
+                        (false, true) => return Ok(()),
+                        (true, true) => bail!("found: {}", exec::last_lines(&log, 3)),
+                        (false, false) => {}
                     }
                     if Instant::now() > deadline {
                         bail!("not found within {within} s; last lines: {}", exec::last_lines(&log, 3));

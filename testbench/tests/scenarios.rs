@@ -53,6 +53,11 @@ fn server_restarts() {
 }
 
 #[test]
+fn resolved_routes_only_cluster_names_to_the_cluster() {
+    run_scenario("dns-routing.toml");
+}
+
+#[test]
 fn server_failures_end_the_session_cleanly() {
     run_scenario("server-failures.toml");
 }

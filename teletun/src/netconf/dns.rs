@@ -1,10 +1,77 @@
-//! DNS registration through `resolvconf`(8): the seed's `resolvconf -a IFACE`
-//! with the server's resolv.conf on stdin, and `resolvconf -d IFACE` to undo.
-//! Works with Debian's resolvconf and openresolv.
+//! DNS registration. Where systemd-resolved runs, the tunnel link is configured
+//! over D-Bus ([`super::resolved`]); elsewhere through `resolvconf`(8): the
+//! seed's `resolvconf -a IFACE` with the server's resolv.conf on stdin, and
+//! `resolvconf -d IFACE` to undo (Debian's resolvconf and openresolv).
 
 use std::process::Stdio;
 
 use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+use super::resolved::Resolved;
+use crate::proto::resolv_conf;
+
+/// Which mechanism registered a client's DNS (kept in its change record).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DnsVia {
+    /// `resolvconf -a`: outlives the client, undone with `resolvconf -d`.
+    #[default]
+    Resolvconf,
+    /// systemd-resolved link settings: vanish with the link.
+    Resolved,
+}
+
+impl std::fmt::Display for DnsVia {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            DnsVia::Resolvconf => "resolvconf",
+            DnsVia::Resolved => "systemd-resolved",
+        })
+    }
+}
+
+/// This machine's DNS manager.
+pub enum DnsManager {
+    /// `resolvconf`(8).
+    Resolvconf,
+    /// systemd-resolved on the system bus.
+    Resolved(Resolved),
+}
+
+impl DnsManager {
+    /// systemd-resolved if it runs, else resolvconf.
+    pub async fn detect() -> DnsManager {
+        match Resolved::find().await {
+            Some(r) => DnsManager::Resolved(r),
+            None => DnsManager::Resolvconf,
+        }
+    }
+
+    /// Which mechanism this is.
+    pub fn via(&self) -> DnsVia {
+        match self {
+            DnsManager::Resolvconf => DnsVia::Resolvconf,
+            DnsManager::Resolved(_) => DnsVia::Resolved,
+        }
+    }
+
+    /// Registers the cluster's resolv.conf for interface `iface` (index `ifindex`).
+    pub async fn register(&self, iface: &str, ifindex: u32, resolv_conf: &str) -> Result<()> {
+        match self {
+            DnsManager::Resolvconf => register(iface, resolv_conf).await,
+            DnsManager::Resolved(r) => r.configure(ifindex, &resolv_conf::parse(resolv_conf)).await,
+        }
+    }
+
+    /// Removes what [`Self::register`] did.
+    pub async fn unregister(&self, iface: &str, ifindex: u32) -> Result<()> {
+        match self {
+            DnsManager::Resolvconf => unregister(iface).await,
+            DnsManager::Resolved(r) => r.revert(ifindex).await,
+        }
+    }
+}
 use tokio::io::AsyncWriteExt;
 use tokio::process::Command;
 

@@ -5,4 +5,5 @@
 pub mod dns;
 pub mod netlink;
 pub mod record;
+pub mod resolved;
 pub mod sysctl;

@@ -29,6 +29,9 @@ pub struct Record {
     pub iface: String,
     /// Whether a DNS registration for `iface` may exist.
     pub dns_registered: bool,
+    /// How it was registered.
+    #[serde(default)]
+    pub dns_via: super::dns::DnsVia,
 }
 
 /// A running (not zombie) process's start time from `/proc/PID/stat`.
@@ -54,6 +57,7 @@ impl Record {
             start_time: process_start_time(pid).unwrap_or(0),
             iface: iface.to_owned(),
             dns_registered: false,
+            dns_via: Default::default(),
         }
     }
 

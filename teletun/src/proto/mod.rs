@@ -2,3 +2,4 @@
 
 pub mod control;
 pub mod packet;
+pub mod resolv_conf;

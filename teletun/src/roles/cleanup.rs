@@ -6,7 +6,7 @@ use std::path::Path;
 use anyhow::Result;
 use tracing::{info, warn};
 
-use crate::netconf::dns;
+use crate::netconf::dns::{self, DnsVia};
 use crate::netconf::netlink::Netlink;
 use crate::netconf::record::{self, Record};
 
@@ -14,7 +14,8 @@ use crate::netconf::record::{self, Record};
 /// unless an interface of that name exists again (then both belong to someone
 /// else), and the record itself.
 pub async fn undo_record(netlink: &Netlink, rec: &Record, path: &Path) -> Result<()> {
-    if rec.dns_registered {
+    // systemd-resolved dropped the link's settings when the link went away.
+    if rec.dns_registered && rec.dns_via == DnsVia::Resolvconf {
         if netlink.link_index(&rec.iface).await?.is_some() {
             warn!(
                 "{} exists again but not as the dead client pid {}'s device; leaving its DNS entry alone",

@@ -17,7 +17,7 @@ use crate::control::tls::{self, KeyMismatch};
 use crate::io::pump::{DataPlane, Direction};
 use crate::io::tun::Tun;
 use crate::keys::{Identity, PinnedKey};
-use crate::netconf::dns;
+use crate::netconf::dns::DnsManager;
 use crate::netconf::netlink::Netlink;
 use crate::netconf::record::Record;
 use crate::proto::control::{Hello, ServerGreeting};
@@ -86,6 +86,8 @@ struct Changes {
     guard: Option<Guard>,
     record: Option<Record>,
     tun: Option<Arc<Tun>>,
+    /// The DNS manager used, and the TUN's interface index.
+    dns: Option<(DnsManager, u32)>,
 }
 
 /// Runs the client until a signal or the server ends the session.
@@ -97,6 +99,7 @@ pub async fn run(config: ClientConfig) -> Result<()> {
         guard: Some(Guard::start()?),
         record: None,
         tun: None,
+        dns: None,
     };
     // A signal during set-up drops `session` at its current step; `undo` follows.
     let outcome = session(&config, &mut changes, &mut signals).await;
@@ -126,9 +129,9 @@ pub async fn run(config: ClientConfig) -> Result<()> {
 
 async fn undo(changes: &mut Changes) -> Result<()> {
     let mut first_error = None;
-    if let Some(record) = &changes.record {
+    if let (Some(record), Some((dns, ifindex))) = (&changes.record, &changes.dns) {
         if record.dns_registered {
-            if let Err(e) = dns::unregister(&record.iface).await {
+            if let Err(e) = dns.unregister(&record.iface, *ifindex).await {
                 warn!("{e:#}");
                 first_error.get_or_insert(e);
             }
@@ -330,10 +333,14 @@ async fn configure(config: &ClientConfig, hello: &Hello, tun: &Tun, changes: &mu
     }
     crate::crashpoint::reached("after-routes").await;
     if !config.no_dns {
+        let manager = DnsManager::detect().await;
         let record = changes.record.as_mut().expect("record exists once the TUN does");
         record.dns_registered = true;
+        record.dns_via = manager.via();
         record.save()?;
-        dns::register(tun.name(), &hello.resolv_conf).await?;
+        let manager = &changes.dns.insert((manager, index)).0;
+        manager.register(tun.name(), index, &hello.resolv_conf).await?;
+        info!("registered the cluster's DNS for {} with {}", tun.name(), manager.via());
         crate::crashpoint::reached("after-dns").await;
     }
     Ok(())
