@@ -39,6 +39,162 @@ pub enum AgentCommand {
     },
     /// Connect and send `token`.
     Send { addr: SocketAddr, token: String },
+    /// Fetch (`get`) or send (`put`) `bytes` seeded bytes through the blob
+    /// service and check their SHA-256; prints the throughput.
+    Blob {
+        /// get or put.
+        direction: String,
+        /// The blob service.
+        addr: SocketAddr,
+        /// How many bytes.
+        bytes: u64,
+        /// Seed of the content.
+        seed: u64,
+    },
+    /// Impair packets routed through TUN device `tun` (see impair.rs).
+    Impair {
+        /// TUN device to create.
+        #[arg(long)]
+        tun: String,
+        #[command(flatten)]
+        impairment: crate::impair::Impairment,
+    },
+}
+
+/// Port of the blob service on `serve`.
+pub const BLOB_PORT: u16 = 7009;
+
+/// Writes or checks `bytes` of the content generated from `seed`.
+struct Blob {
+    rng: fastrand::Rng,
+    left: u64,
+    chunk: Vec<u8>,
+}
+
+impl Blob {
+    fn new(bytes: u64, seed: u64) -> Blob {
+        Blob {
+            rng: fastrand::Rng::with_seed(seed),
+            left: bytes,
+            chunk: vec![0u8; 65536],
+        }
+    }
+
+    /// The next chunk of content, empty at the end.
+    fn next_chunk(&mut self) -> &[u8] {
+        let n = self.left.min(self.chunk.len() as u64) as usize;
+        self.rng.fill(&mut self.chunk[..n]);
+        self.left -= n as u64;
+        &self.chunk[..n]
+    }
+
+    /// SHA-256 of the whole content.
+    fn digest(bytes: u64, seed: u64) -> [u8; 32] {
+        let mut blob = Blob::new(bytes, seed);
+        let mut h = openssl::sha::Sha256::new();
+        loop {
+            let c = blob.next_chunk();
+            if c.is_empty() {
+                return h.finish();
+            }
+            h.update(c);
+        }
+    }
+}
+
+fn hex(d: &[u8]) -> String {
+    d.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Reads exactly `bytes` from `s` and returns their SHA-256.
+fn read_digest(s: &mut impl Read, bytes: u64) -> Result<[u8; 32]> {
+    let mut h = openssl::sha::Sha256::new();
+    let mut buf = vec![0u8; 65536];
+    let mut left = bytes;
+    while left > 0 {
+        let want = left.min(buf.len() as u64) as usize;
+        let n = s.read(&mut buf[..want])?;
+        if n == 0 {
+            bail!("stream ended {left} bytes early");
+        }
+        h.update(&buf[..n]);
+        left -= n as u64;
+    }
+    Ok(h.finish())
+}
+
+fn write_blob(s: &mut impl Write, bytes: u64, seed: u64) -> Result<()> {
+    let mut blob = Blob::new(bytes, seed);
+    loop {
+        let c = blob.next_chunk();
+        if c.is_empty() {
+            return Ok(());
+        }
+        s.write_all(c)?;
+    }
+}
+
+fn blob(direction: &str, addr: SocketAddr, bytes: u64, seed: u64) -> Result<()> {
+    let mut s = TcpStream::connect_timeout(&addr, TIMEOUT).with_context(|| format!("cannot connect to {addr}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(60)))?;
+    writeln!(s, "{direction} {bytes} {seed}")?;
+    let want = Blob::digest(bytes, seed);
+    let start = std::time::Instant::now();
+    match direction {
+        "get" => {
+            let got = read_digest(&mut s, bytes)?;
+            if got != want {
+                bail!("content differs: sha256 {} expected {}", hex(&got), hex(&want));
+            }
+        }
+        "put" => {
+            write_blob(&mut s, bytes, seed)?;
+            let mut answer = String::new();
+            s.read_to_string(&mut answer)?;
+            if answer.trim() != format!("ok {}", hex(&want)) {
+                bail!("the receiver says: {}", answer.trim());
+            }
+        }
+        other => bail!("unknown direction {other:?}: use get or put"),
+    }
+    let secs = start.elapsed().as_secs_f64();
+    println!(
+        "ok: {bytes} bytes, sha256 {}, {:.1} s, {:.1} Mbit/s",
+        hex(&want),
+        secs,
+        bytes as f64 * 8.0 / secs / 1e6
+    );
+    Ok(())
+}
+
+fn serve_blob(s: TcpStream) -> Result<()> {
+    let mut s = s;
+    s.set_read_timeout(Some(Duration::from_secs(60)))?;
+    let mut line = Vec::new();
+    let mut b = [0u8; 1];
+    while s.read(&mut b)? == 1 && b[0] != b'\n' && line.len() < 100 {
+        line.push(b[0]);
+    }
+    let line = String::from_utf8_lossy(&line).into_owned();
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let [direction, bytes, seed] = words[..] else {
+        bail!("bad blob request {line:?}");
+    };
+    let (bytes, seed): (u64, u64) = (bytes.parse()?, seed.parse()?);
+    match direction {
+        "get" => write_blob(&mut s, bytes, seed),
+        "put" => {
+            let got = read_digest(&mut s, bytes)?;
+            let want = Blob::digest(bytes, seed);
+            if got == want {
+                writeln!(s, "ok {}", hex(&got))?;
+            } else {
+                writeln!(s, "mismatch: got sha256 {}", hex(&got))?;
+            }
+            Ok(())
+        }
+        _ => bail!("bad blob direction {direction:?}"),
+    }
 }
 
 const TIMEOUT: Duration = Duration::from_secs(5);
@@ -134,6 +290,13 @@ pub fn run(cmd: AgentCommand) -> Result<()> {
             println!("ok: {token} from {from}");
             Ok(())
         }
+        AgentCommand::Blob {
+            direction,
+            addr,
+            bytes,
+            seed,
+        } => blob(&direction, addr, bytes, seed),
+        AgentCommand::Impair { tun, impairment } => crate::impair::run(&tun, &impairment),
         AgentCommand::Send { addr, token } => {
             let mut s =
                 TcpStream::connect_timeout(&addr, TIMEOUT).with_context(|| format!("cannot connect to {addr}"))?;
@@ -147,6 +310,16 @@ fn serve(name: String, echo_port: u16, http_port: u16) -> Result<()> {
     let tcp = TcpListener::bind(any(echo_port))?;
     let udp = UdpSocket::bind(any(echo_port))?;
     let http = TcpListener::bind(any(http_port))?;
+    let blobs = TcpListener::bind(any(BLOB_PORT))?;
+    std::thread::spawn(move || {
+        for s in blobs.incoming().flatten() {
+            std::thread::spawn(move || {
+                if let Err(e) = serve_blob(s) {
+                    eprintln!("blob: {e:#}");
+                }
+            });
+        }
+    });
     std::thread::spawn(move || {
         for s in tcp.incoming().flatten() {
             std::thread::spawn(move || {

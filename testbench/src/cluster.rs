@@ -17,6 +17,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 
 use crate::exec::{self, Background};
+use crate::impair::Impairment;
 use crate::laptop::{DnsVariant, Laptop};
 use crate::netns::{self, Netns};
 use crate::scenario::Topology;
@@ -429,6 +430,62 @@ impl Cluster {
         }
         let pod = self.pod(target)?;
         Ok(if ipv6 { pod.ipv6.into() } else { pod.ipv4.into() })
+    }
+
+    /// Impairs the underlay in the router from now on (replacing any earlier
+    /// impairment): the seeded userspace impairer for delay, jitter, reorder,
+    /// loss and duplication, tbf for rate.
+    pub fn impair(&mut self, imp: &Impairment) -> Result<()> {
+        self.clear_impairment();
+        if imp.needs_impairer() {
+            let me = std::env::current_exe()?;
+            let mut cmd = self.router.cmd(&me);
+            cmd.args(["agent", "impair", "--tun", "imp0"])
+                .arg(format!("--delay-ms={}", imp.delay_ms))
+                .arg(format!("--jitter-ms={}", imp.jitter_ms))
+                .arg(format!("--reorder-percent={}", imp.reorder_percent))
+                .arg(format!("--loss-percent={}", imp.loss_percent))
+                .arg(format!("--duplicate-percent={}", imp.duplicate_percent))
+                .arg(format!("--seed={}", imp.seed));
+            let mut p = Background::spawn("impairer", cmd, &self.dir.join("impairer.log"))?;
+            p.wait_for_log("impairing", Duration::from_secs(10))?;
+            self.processes.push(p);
+            // Everything the router forwards takes a detour through imp0 and back.
+            for (pref, iif) in [("100", "to-laptop"), ("101", "to-node1")] {
+                self.router
+                    .ip(&["rule", "add", "pref", pref, "iif", iif, "lookup", "100"])?;
+            }
+            self.router
+                .ip(&["route", "add", "default", "dev", "imp0", "table", "100"])?;
+            self.router.sysctl("net.ipv4.conf.all.rp_filter", "0")?;
+            self.router.sysctl("net.ipv4.conf.imp0.rp_filter", "0")?;
+        }
+        if imp.rate_mbit > 0.0 {
+            for dev in ["to-laptop", "to-node1"] {
+                let rate = format!("{}mbit", imp.rate_mbit);
+                self.router.run(
+                    "tc",
+                    &[
+                        "qdisc", "replace", "dev", dev, "root", "tbf", "rate", &rate, "burst", "256kb", "latency",
+                        "100ms",
+                    ],
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    fn clear_impairment(&mut self) {
+        if let Some(i) = self.processes.iter().position(|p| p.name == "impairer") {
+            let mut p = self.processes.remove(i);
+            p.kill();
+            for pref in ["100", "101"] {
+                let _ = self.router.ip(&["rule", "del", "pref", pref]);
+            }
+        }
+        for dev in ["to-laptop", "to-node1"] {
+            let _ = self.router.run("tc", &["qdisc", "del", "dev", dev, "root"]);
+        }
     }
 
     /// Stops every process and deletes every namespace and file this cluster made.

@@ -5,6 +5,7 @@ mod agent;
 mod bench;
 mod cluster;
 mod exec;
+mod impair;
 mod laptop;
 mod netns;
 mod report;

@@ -28,6 +28,9 @@ pub struct CheckResult {
     /// Pass, fail or skip.
     #[serde(flatten)]
     pub outcome: Outcome,
+    /// What it measured, if anything (e.g. a throughput).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
 }
 
 impl CheckResult {
@@ -37,6 +40,7 @@ impl CheckResult {
             name: name.to_owned(),
             seconds: took.as_secs_f64(),
             outcome,
+            detail: None,
         }
     }
 
@@ -47,7 +51,8 @@ impl CheckResult {
             Outcome::Fail(e) => ("FAIL", format!("  {}", e.replace('\n', "\n        "))),
             Outcome::Skip => ("SKIP", String::new()),
         };
-        format!("  {mark}  {:<46} {:>7.2} s{detail}", self.name, self.seconds)
+        let measured = self.detail.as_ref().map(|d| format!("  [{d}]")).unwrap_or_default();
+        format!("  {mark}  {:<46} {:>7.2} s{measured}{detail}", self.name, self.seconds)
     }
 }
 

@@ -9,6 +9,7 @@ use serde::Deserialize;
 
 use crate::cluster::{Cluster, ECHO_PORT, HTTP_PORT};
 use crate::exec::{self, Background};
+use crate::impair::Impairment;
 use crate::report::{CaseResult, CheckResult, Outcome};
 
 /// A scenario file as written: steps may hold `{axis}` placeholders that the
@@ -24,6 +25,9 @@ struct ScenarioFile {
     matrix: BTreeMap<String, Vec<String>>,
     #[serde(default)]
     topology: Option<toml::Value>,
+    /// Named impairment profiles for `impair` steps.
+    #[serde(default)]
+    impairments: BTreeMap<String, Impairment>,
     step: Vec<toml::Value>,
 }
 
@@ -57,6 +61,8 @@ pub struct Scenario {
     pub topology: Topology,
     /// The steps, in order.
     pub steps: Vec<Step>,
+    /// Impairment profiles by name.
+    pub impairments: BTreeMap<String, Impairment>,
 }
 
 fn main_client() -> String {
@@ -165,6 +171,28 @@ pub enum Step {
     },
     /// Run `teletun cleanup` on the laptop; it must succeed.
     TeletunCleanup,
+    /// Impair the underlay from now on with the named `[impairments.NAME]` profile.
+    Impair {
+        /// The profile.
+        profile: String,
+    },
+    /// Move `bytes` seeded bytes through the tunnel between the laptop and the
+    /// app pod (`get`: pod → laptop, `put`: laptop → pod); the SHA-256 must
+    /// match. Reports the throughput.
+    Transfer {
+        /// get or put.
+        direction: String,
+        /// How many bytes.
+        bytes: u64,
+        /// Seed of the content.
+        #[serde(default = "seed_one")]
+        seed: u64,
+    },
+    /// No packet that came out of a TUN device was corrupted or a splice: the
+    /// kernels of the laptop and the server-cluster pod counted no header or
+    /// checksum errors, and every teletun session summary so far reports
+    /// 0 malformed packets.
+    NoCorruption,
     /// Kill a running client (SIGKILL, SIGKILL-group, …) without expectations.
     KillClient {
         /// Which client.
@@ -229,6 +257,9 @@ pub enum Step {
 fn ten() -> u64 {
     10
 }
+fn seed_one() -> u64 {
+    1
+}
 fn sigterm() -> String {
     "SIGTERM".into()
 }
@@ -268,6 +299,9 @@ impl Step {
             Step::LaptopUnchanged { .. } => "laptop state unchanged".into(),
             Step::CrashClient { point, kill } => format!("client stopped at {point}, then {kill}"),
             Step::TeletunCleanup => "teletun cleanup".into(),
+            Step::Impair { profile } => format!("impair the underlay: {profile}"),
+            Step::Transfer { direction, bytes, .. } => format!("transfer {} MB ({direction})", bytes / 1_000_000),
+            Step::NoCorruption => "no corrupted or spliced packets".into(),
             Step::KillClient { name, signal } => format!("kill client {name} with {signal}"),
             Step::Run { on, command, .. } => {
                 let one_line: String = command.escape_debug().collect();
@@ -344,11 +378,19 @@ fn parse(text: &str) -> Result<Vec<Scenario>> {
                 let axes: Vec<String> = combo.iter().map(|(a, v)| format!("{a}={v}")).collect();
                 format!("{}[{}]", file.name, axes.join(","))
             };
+            for step in &steps {
+                if let Step::Impair { profile } = step {
+                    if !file.impairments.contains_key(profile) {
+                        bail!("no [impairments.{profile}] table for the impair step");
+                    }
+                }
+            }
             Ok(Scenario {
                 name,
                 description: file.description.clone(),
                 topology,
                 steps,
+                impairments: file.impairments.clone(),
             })
         })
         .collect()
@@ -384,6 +426,9 @@ struct Run<'a> {
     cluster: &'a mut Cluster,
     clients: BTreeMap<String, Background>,
     laptop_before: String,
+    impairments: &'a BTreeMap<String, Impairment>,
+    /// What the current step measured, for its report line.
+    detail: Option<String>,
 }
 
 /// Builds a fresh cluster, runs the scenario's steps, tears everything down.
@@ -409,6 +454,8 @@ pub fn run(scenario: &Scenario, teletun: &Path, work: &Path, progress: &mut dyn 
         cluster: &mut cluster,
         clients: BTreeMap::new(),
         laptop_before,
+        impairments: &scenario.impairments,
+        detail: None,
     };
     let mut aborted = false;
     for step in &scenario.steps {
@@ -427,7 +474,8 @@ pub fn run(scenario: &Scenario, teletun: &Path, work: &Path, progress: &mut dyn 
                 Outcome::Fail(format!("{e:#}"))
             }
         };
-        let c = CheckResult::new(&label, t.elapsed(), outcome);
+        let mut c = CheckResult::new(&label, t.elapsed(), outcome);
+        c.detail = run.detail.take();
         progress(&c);
         checks.push(c);
     }
@@ -566,6 +614,40 @@ impl Run<'_> {
                 }
             }
             Step::CrashClient { point, kill } => self.crash_client(point, kill),
+            Step::Impair { profile } => {
+                let imp = self
+                    .impairments
+                    .get(profile)
+                    .with_context(|| format!("no profile {profile:?}"))?
+                    .clone();
+                self.cluster.impair(&imp)?;
+                self.detail = Some(imp.describe());
+                Ok(())
+            }
+            Step::Transfer { direction, bytes, seed } => {
+                let addr = std::net::SocketAddr::new(self.cluster.address("app", false)?, crate::agent::BLOB_PORT);
+                let me = std::env::current_exe()?;
+                let mut c = self.cluster.laptop.cmd(&me);
+                c.args([
+                    "agent",
+                    "blob",
+                    direction,
+                    &addr.to_string(),
+                    &bytes.to_string(),
+                    &seed.to_string(),
+                ]);
+                let out = exec::output(c, Duration::from_secs(600))?;
+                if !out.status.success() {
+                    bail!("{}", exec::last_lines(&out.both(), 2));
+                }
+                self.detail = out
+                    .stdout
+                    .lines()
+                    .last()
+                    .map(|l| l.trim_start_matches("ok: ").to_owned());
+                Ok(())
+            }
+            Step::NoCorruption => self.no_corruption(),
             Step::TeletunCleanup => self
                 .laptop_check(&self.cluster.teletun.to_string_lossy(), &["cleanup"])
                 .map(|_| ()),
@@ -665,6 +747,69 @@ impl Run<'_> {
                 check_one_error(status, &c.log_text(), expect_error)
             }
         }
+    }
+
+    fn no_corruption(&mut self) -> Result<()> {
+        const COUNTERS: &[&str] = &[
+            "IpInHdrErrors",
+            "IpInTruncatedPkts",
+            "IcmpInCsumErrors",
+            "TcpInCsumErrors",
+            "UdpInCsumErrors",
+            "Ip6InHdrErrors",
+            "Ip6InTruncatedPkts",
+            "Udp6InCsumErrors",
+        ];
+        let mut problems = Vec::new();
+        let places = [
+            ("laptop", self.cluster.laptop.cmd("nstat")),
+            ("server-cluster pod", self.cluster.pod("teletun")?.ns.cmd("nstat")),
+        ];
+        for (place, mut nstat) in places {
+            nstat.arg("-asz");
+            let out = exec::run(nstat, Duration::from_secs(10))?;
+            for line in out.lines() {
+                let mut w = line.split_whitespace();
+                if let (Some(name), Some(value)) = (w.next(), w.next()) {
+                    if COUNTERS.contains(&name) && value != "0" {
+                        problems.push(format!("{place}: {name} = {value}"));
+                    }
+                }
+            }
+        }
+        let mut summaries = 0;
+        let mut logs: Vec<(String, String)> = std::fs::read_dir(&self.cluster.dir)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("client-"))
+            })
+            .map(|p| (p.display().to_string(), std::fs::read_to_string(&p).unwrap_or_default()))
+            .collect();
+        for role in ["server-cluster", "server-external"] {
+            logs.push((role.to_owned(), self.cluster.process_mut(role)?.log_text()));
+        }
+        for (name, log) in &logs {
+            for line in log.lines().filter(|l| l.contains(" malformed")) {
+                summaries += 1;
+                let words: Vec<&str> = line.split_whitespace().collect();
+                for pair in words.windows(2).filter(|w| w[1].starts_with("malformed")) {
+                    if pair[0] != "0" {
+                        problems.push(format!("{name}: {}", line.trim()));
+                    }
+                }
+            }
+        }
+        if summaries == 0 {
+            bail!("no teletun session summary to check yet: stop the client first");
+        }
+        if !problems.is_empty() {
+            bail!("{}", problems.join("; "));
+        }
+        self.detail = Some(format!(
+            "{summaries} session summaries, 0 malformed; kernel error counters 0"
+        ));
+        Ok(())
     }
 
     fn crash_client(&mut self, point: &str, kill: &str) -> Result<()> {

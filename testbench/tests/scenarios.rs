@@ -63,6 +63,11 @@ fn server_failures_end_the_session_cleanly() {
 }
 
 #[test]
+fn impaired_underlay_keeps_data_intact() {
+    run_scenario("impairment.toml");
+}
+
+#[test]
 fn crash_matrix_leaves_the_laptop_as_it_was() {
     run_scenario("crash.toml");
 }

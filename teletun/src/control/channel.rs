@@ -9,11 +9,12 @@ use tokio::net::TcpStream;
 
 use crate::proto::control::{HelloDecoder, ServerGreeting};
 
-/// How long a peer may stay silent (no ACK to keepalives or data) before the
-/// session counts as dead. Keepalive probes start after 1 s idle and repeat
-/// every second, so a vanished peer is noticed about 5 s after its last ACK;
-/// four lost probes in a row are needed, which a lossy path rarely produces.
-pub const DEAD_PEER_TIMEOUT: Duration = Duration::from_secs(4);
+/// How long the control connection may go without hearing from the peer before
+/// TCP gives up on it. This is a backstop: the data plane's heartbeat
+/// (`transport::link::SILENCE_LIMIT`) notices a dead peer within 4 s; keepalive
+/// probes come only once a second, so a tight TCP bound would mistake a lossy
+/// path for a dead one.
+pub const DEAD_PEER_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Sets keepalive and the user timeout so a vanished peer ends the session
 /// within [`DEAD_PEER_TIMEOUT`], and disables Nagle (messages are tiny).
@@ -21,9 +22,9 @@ pub fn tune_tcp(stream: &TcpStream) -> std::io::Result<()> {
     let sock = SockRef::from(stream);
     sock.set_tcp_nodelay(true)?;
     let keepalive = TcpKeepalive::new()
-        .with_time(Duration::from_secs(1))
+        .with_time(Duration::from_secs(2))
         .with_interval(Duration::from_secs(1))
-        .with_retries(4);
+        .with_retries(12);
     sock.set_tcp_keepalive(&keepalive)?;
     sock.set_tcp_user_timeout(Some(DEAD_PEER_TIMEOUT))?;
     Ok(())

@@ -119,6 +119,7 @@ pub struct DataPlane {
     stop: Arc<StopSignal>,
     threads: Vec<thread::JoinHandle<()>>,
     exits: tokio::sync::mpsc::UnboundedReceiver<PumpExit>,
+    exits_tx: tokio::sync::mpsc::UnboundedSender<PumpExit>,
     /// Towards the peer ("outbound" from this role's local side).
     pub outbound: Arc<DirectionStats>,
     /// From the peer.
@@ -168,7 +169,7 @@ impl DataPlane {
             inbound.check_packets,
             in_stats.clone(),
             stop.clone(),
-            tx,
+            tx.clone(),
         ) {
             Ok(t) => threads.push(t),
             Err(e) => {
@@ -183,9 +184,28 @@ impl DataPlane {
             stop,
             threads,
             exits,
+            exits_tx: tx,
             outbound: out_stats,
             inbound: in_stats,
         })
+    }
+
+    /// Runs `task` on its own thread as part of this data plane: it gets the
+    /// stop signal, and its end (error or not) ends the data plane like a
+    /// pump's would. Used for the DTLS heartbeat.
+    pub fn spawn_task<F>(&mut self, name: &'static str, task: F) -> io::Result<()>
+    where
+        F: FnOnce(&StopSignal) -> io::Result<()> + Send + 'static,
+    {
+        let stop = self.stop.clone();
+        let exits = self.exits_tx.clone();
+        let t = thread::Builder::new().name(name.into()).spawn(move || {
+            let result = task(&stop);
+            stop.stop();
+            let _ = exits.send(PumpExit { name, result });
+        })?;
+        self.threads.push(t);
+        Ok(())
     }
 
     /// Waits until a pump ends (it failed, or its peer closed).

@@ -54,6 +54,7 @@ enum End {
     Signal(&'static str),
     ServerClosed,
     ServerVanished,
+    ServerSilent,
     ControlFailed(String),
     DataPlane(String),
 }
@@ -118,6 +119,12 @@ pub async fn run(config: ClientConfig) -> Result<()> {
             "the server at {} went away without ending the session (connection closed without TLS close_notify); \
              removed the tunnel and its DNS entry",
             config.server
+        ),
+        End::ServerSilent => bail!(
+            "nothing heard from the server at {} for {} s: the network path or the server is gone; \
+             removed the tunnel and its DNS entry",
+            config.server,
+            crate::transport::link::SILENCE_LIMIT.as_secs()
         ),
         End::ControlFailed(e) => bail!(
             "lost the control connection to {}: {e}; removed the tunnel and its DNS entry",
@@ -202,6 +209,7 @@ async fn session(config: &ClientConfig, changes: &mut Changes, signals: &mut Sig
         exit = plane.ended() => match exit.result {
             // close_notify: the server ends the session (its TLS close follows).
             Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => End::ServerClosed,
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => End::ServerSilent,
             Ok(()) => End::DataPlane(format!("{} stopped", exit.name)),
             Err(e) => End::DataPlane(format!("{}: {e}", exit.name)),
         },
@@ -291,7 +299,7 @@ async fn establish(config: &ClientConfig, changes: &mut Changes) -> Result<Tunne
     crate::crashpoint::reached("after-tun").await;
     configure(config, &hello, &tun, changes).await?;
     let link = DtlsLink::new(session, udp, None);
-    let plane = DataPlane::start(
+    let mut plane = DataPlane::start(
         Direction {
             name: "tun→dtls",
             source: tun.clone(),
@@ -305,6 +313,8 @@ async fn establish(config: &ClientConfig, changes: &mut Changes) -> Result<Tunne
             check_packets: true,
         },
     )?;
+    let beating = link.clone();
+    plane.spawn_task("heartbeat", move |stop| beating.heartbeat(stop))?;
     info!("tunnel {} is up", tun.name());
     Ok(Tunnel { control, link, plane })
 }

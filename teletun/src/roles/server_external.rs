@@ -258,6 +258,8 @@ async fn serve_session(
             check_packets: true,
         },
     )?;
+    let beating = link.clone();
+    plane.spawn_task("heartbeat", move |stop| beating.heartbeat(stop))?;
     let reason = tokio::select! {
         r = channel::wait_closed(control) => match r {
             Ok(channel::Closed::Cleanly) => "the client closed the control connection".to_string(),

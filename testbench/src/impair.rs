@@ -1,0 +1,160 @@
+//! Packet impairment on the underlay, in userspace and seeded.
+//!
+//! This kernel has no netem, and netem's randomness cannot be seeded anyway.
+//! Instead the router sends every packet it forwards through a TUN device
+//! (policy routing), and this program holds each one on a timer heap: it drops,
+//! duplicates, delays (with jitter) and reorders packets by draws from one
+//! seeded generator, then writes them back, and the router forwards them on.
+//! Rate limits use the kernel's tbf qdisc, which is deterministic.
+
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::os::fd::AsRawFd;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+
+/// What to do to packets. Percentages are per packet.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize, clap::Args)]
+#[serde(deny_unknown_fields)]
+pub struct Impairment {
+    /// Fixed delay, ms.
+    #[serde(default)]
+    #[arg(long, default_value_t = 0.0)]
+    pub delay_ms: f64,
+    /// Uniform jitter around the delay, ± ms.
+    #[serde(default)]
+    #[arg(long, default_value_t = 0.0)]
+    pub jitter_ms: f64,
+    /// Share of packets sent at once, ahead of delayed ones, %.
+    #[serde(default)]
+    #[arg(long, default_value_t = 0.0)]
+    pub reorder_percent: f64,
+    /// Share of packets dropped, %.
+    #[serde(default)]
+    #[arg(long, default_value_t = 0.0)]
+    pub loss_percent: f64,
+    /// Share of packets sent twice, %.
+    #[serde(default)]
+    #[arg(long, default_value_t = 0.0)]
+    pub duplicate_percent: f64,
+    /// Rate limit in each direction, Mbit/s (tbf); 0 for none.
+    #[serde(default)]
+    #[arg(long, default_value_t = 0.0)]
+    pub rate_mbit: f64,
+    /// Seed of every random choice.
+    #[serde(default = "one")]
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+}
+
+fn one() -> u64 {
+    1
+}
+
+impl Impairment {
+    /// Whether packets need to pass through the userspace impairer.
+    pub fn needs_impairer(&self) -> bool {
+        self.delay_ms > 0.0
+            || self.jitter_ms > 0.0
+            || self.reorder_percent > 0.0
+            || self.loss_percent > 0.0
+            || self.duplicate_percent > 0.0
+    }
+
+    /// A short description for reports.
+    pub fn describe(&self) -> String {
+        let mut parts = Vec::new();
+        if self.delay_ms > 0.0 || self.jitter_ms > 0.0 {
+            parts.push(format!("delay {}±{} ms", self.delay_ms, self.jitter_ms));
+        }
+        for (v, what) in [
+            (self.reorder_percent, "reorder"),
+            (self.loss_percent, "loss"),
+            (self.duplicate_percent, "duplicate"),
+        ] {
+            if v > 0.0 {
+                parts.push(format!("{what} {v}%"));
+            }
+        }
+        if self.rate_mbit > 0.0 {
+            parts.push(format!("rate {} Mbit/s", self.rate_mbit));
+        }
+        if parts.is_empty() {
+            "none".into()
+        } else {
+            format!("{}, seed {}", parts.join(", "), self.seed)
+        }
+    }
+}
+
+/// One packet waiting for its release time; `seq` keeps equal times in order.
+type Held = Reverse<(Instant, u64, Vec<u8>)>;
+
+/// Creates the TUN device `name` and impairs what passes through it, forever.
+pub fn run(name: &str, imp: &Impairment) -> Result<()> {
+    let dev = tun_rs::DeviceBuilder::new()
+        .name(name)
+        .mtu(1500)
+        .enable(true)
+        .build_sync()
+        .with_context(|| format!("cannot create TUN device {name}"))?;
+    dev.set_nonblocking(true)?;
+    let mut rng = fastrand::Rng::with_seed(imp.seed);
+    let mut heap: BinaryHeap<Held> = BinaryHeap::new();
+    let (mut seq, mut passed, mut dropped, mut doubled) = (0u64, 0u64, 0u64, 0u64);
+    let mut buf = vec![0u8; 65536];
+    let mut report = Instant::now() + Duration::from_secs(1);
+    println!("impairing on {name}: {}", imp.describe());
+    loop {
+        let now = Instant::now();
+        let wait = heap.peek().map_or(Duration::from_millis(100), |Reverse((t, _, _))| {
+            t.saturating_duration_since(now)
+        });
+        let mut pfd = libc::pollfd {
+            fd: dev.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = wait.as_micros().div_ceil(1000).min(100) as libc::c_int;
+        // SAFETY: one valid pollfd for the duration of the call.
+        unsafe { libc::poll(&mut pfd, 1, ms) };
+        while let Ok(n) = dev.recv(&mut buf) {
+            if rng.f64() * 100.0 < imp.loss_percent {
+                dropped += 1;
+                continue;
+            }
+            let copies = if rng.f64() * 100.0 < imp.duplicate_percent {
+                doubled += 1;
+                2
+            } else {
+                1
+            };
+            for _ in 0..copies {
+                let delay_ms = if rng.f64() * 100.0 < imp.reorder_percent {
+                    0.0
+                } else {
+                    (imp.delay_ms + (rng.f64() * 2.0 - 1.0) * imp.jitter_ms).max(0.0)
+                };
+                let at = Instant::now() + Duration::from_secs_f64(delay_ms / 1000.0);
+                seq += 1;
+                heap.push(Reverse((at, seq, buf[..n].to_vec())));
+            }
+        }
+        let now = Instant::now();
+        while heap.peek().is_some_and(|Reverse((t, _, _))| *t <= now) {
+            let Reverse((_, _, packet)) = heap.pop().expect("peeked");
+            if dev.send(&packet).is_ok() {
+                passed += 1;
+            }
+        }
+        if now >= report {
+            println!(
+                "passed {passed}, dropped {dropped}, duplicated {doubled}, held {}",
+                heap.len()
+            );
+            report = now + Duration::from_secs(1);
+        }
+    }
+}
