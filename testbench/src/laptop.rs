@@ -280,7 +280,7 @@ impl Laptop {
         self.run_sh(
             "echo '# links'; ip -o link show | sed -e 's/^[0-9]*: //'\n\
              echo '# addresses'; ip -o addr show | sed -e 's/^[0-9]*: //' -e 's/ *valid_lft.*//'\n\
-             echo '# routes'; ip route show table all; ip -6 route show table all | grep -v ' expires '\n\
+             echo '# routes'; ip -4 route show table all; ip -6 route show table all | grep -v ' expires '\n\
              echo '# rules'; ip rule; ip -6 rule\n\
              echo '# /etc/resolv.conf'; cat /etc/resolv.conf\n\
              echo '# resolvconf state'; find /run/resolvconf -type f 2>/dev/null | sort | while read -r f; do echo \"== $f\"; cat \"$f\"; done; true\n\

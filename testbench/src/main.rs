@@ -37,9 +37,13 @@ enum Cmd {
     Scenario {
         /// Scenario files.
         files: Vec<PathBuf>,
-        /// Only scenarios whose name contains this text.
+        /// Only cases whose name contains this text.
         #[arg(long)]
         filter: Option<String>,
+        /// Only cases whose laptop runs this DNS manager (debian, openresolv,
+        /// systemd-resolved); one CI job per variant uses it.
+        #[arg(long)]
+        resolvconf: Option<String>,
     },
     /// Measure throughput and RTT through the raw underlay and through the tunnel.
     Bench {
@@ -149,11 +153,22 @@ fn scenario_files(files: Vec<PathBuf>) -> Result<Vec<PathBuf>> {
     Ok(all)
 }
 
-fn run_scenarios(teletun: &Path, out: &Path, files: Vec<PathBuf>, filter: Option<String>) -> Result<bool> {
+/// Which cases to run.
+struct Selection {
+    filter: Option<String>,
+    resolvconf: Option<String>,
+}
+
+fn run_scenarios(teletun: &Path, out: &Path, files: Vec<PathBuf>, select: Selection) -> Result<bool> {
+    if let Some(v) = &select.resolvconf {
+        laptop::DnsVariant::parse(v)?;
+    }
     let mut scenarios = Vec::new();
     for path in scenario_files(files)? {
         for s in scenario::load(&path)? {
-            if filter.as_deref().is_none_or(|f| s.name.contains(f)) {
+            let named = select.filter.as_deref().is_none_or(|f| s.name.contains(f));
+            let variant = select.resolvconf.as_deref().is_none_or(|v| s.topology.resolvconf == v);
+            if named && variant {
                 scenarios.push((path.clone(), s));
             }
         }
@@ -227,11 +242,15 @@ fn main() -> ExitCode {
     let result = (|| -> Result<bool> {
         exec::install_interrupt_handler()?;
         match cli.command {
-            Cmd::Scenario { files, filter } => {
+            Cmd::Scenario {
+                files,
+                filter,
+                resolvconf,
+            } => {
                 preflight(false)?;
                 netns::remove_stale();
                 let teletun = find_teletun(cli.teletun)?;
-                run_scenarios(&teletun, &out, files, filter)
+                run_scenarios(&teletun, &out, files, Selection { filter, resolvconf })
             }
             Cmd::Bench { seconds, runs } => {
                 preflight(true)?;

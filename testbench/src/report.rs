@@ -31,6 +31,9 @@ pub struct CheckResult {
     /// What it measured, if anything (e.g. a throughput).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
+    /// A named state snapshot it took: (name, normalized text).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<(String, String)>,
 }
 
 impl CheckResult {
@@ -41,6 +44,7 @@ impl CheckResult {
             seconds: took.as_secs_f64(),
             outcome,
             detail: None,
+            snapshot: None,
         }
     }
 

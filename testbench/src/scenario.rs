@@ -169,6 +169,13 @@ pub enum Step {
         /// SIGINT, SIGTERM, SIGKILL or SIGKILL-group.
         kill: String,
     },
+    /// Record the laptop's network state, normalized (no MAC addresses,
+    /// link-local addresses or run ids), under `name` in the results; the
+    /// test suite compares these with insta snapshots.
+    Snapshot {
+        /// The snapshot's name.
+        name: String,
+    },
     /// Run `teletun cleanup` on the laptop; it must succeed.
     TeletunCleanup,
     /// Impair the underlay from now on with the named `[impairments.NAME]` profile.
@@ -299,6 +306,7 @@ impl Step {
             Step::LaptopUnchanged { .. } => "laptop state unchanged".into(),
             Step::CrashClient { point, kill } => format!("client stopped at {point}, then {kill}"),
             Step::TeletunCleanup => "teletun cleanup".into(),
+            Step::Snapshot { name } => format!("snapshot of the laptop: {name}"),
             Step::Impair { profile } => format!("impair the underlay: {profile}"),
             Step::Transfer { direction, bytes, .. } => format!("transfer {} MB ({direction})", bytes / 1_000_000),
             Step::NoCorruption => "no corrupted or spliced packets".into(),
@@ -429,6 +437,8 @@ struct Run<'a> {
     impairments: &'a BTreeMap<String, Impairment>,
     /// What the current step measured, for its report line.
     detail: Option<String>,
+    /// A state snapshot the current step took.
+    snapshot: Option<(String, String)>,
 }
 
 /// Builds a fresh cluster, runs the scenario's steps, tears everything down.
@@ -456,6 +466,7 @@ pub fn run(scenario: &Scenario, teletun: &Path, work: &Path, progress: &mut dyn 
         laptop_before,
         impairments: &scenario.impairments,
         detail: None,
+        snapshot: None,
     };
     let mut aborted = false;
     for step in &scenario.steps {
@@ -476,6 +487,7 @@ pub fn run(scenario: &Scenario, teletun: &Path, work: &Path, progress: &mut dyn 
         };
         let mut c = CheckResult::new(&label, t.elapsed(), outcome);
         c.detail = run.detail.take();
+        c.snapshot = run.snapshot.take();
         progress(&c);
         checks.push(c);
     }
@@ -648,6 +660,11 @@ impl Run<'_> {
                 Ok(())
             }
             Step::NoCorruption => self.no_corruption(),
+            Step::Snapshot { name } => {
+                let state = normalize(&self.cluster.laptop.snapshot()?);
+                self.snapshot = Some((name.clone(), state));
+                Ok(())
+            }
             Step::TeletunCleanup => self
                 .laptop_check(&self.cluster.teletun.to_string_lossy(), &["cleanup"])
                 .map(|_| ()),
@@ -885,6 +902,69 @@ fn check_one_error(status: std::process::ExitStatus, log: &str, text: &str) -> R
     Ok(())
 }
 
+/// Replaces what differs from run to run (MAC addresses, link-local addresses
+/// derived from them, namespace names, peer interface numbers) with fixed words,
+/// and sorts the listings whose order carries no meaning (links, addresses,
+/// routes, rules: the kernel orders them by values that were just replaced).
+fn normalize(state: &str) -> String {
+    let mut out: Vec<String> = Vec::new();
+    let mut unordered: Vec<String> = Vec::new();
+    let mut sorting = false;
+    for line in normalize_words(state).lines() {
+        if line.starts_with("# ") {
+            unordered.sort();
+            out.append(&mut unordered);
+            sorting = ["# links", "# addresses", "# routes", "# rules"].contains(&line);
+            out.push(line.to_owned());
+        } else if sorting {
+            unordered.push(line.to_owned());
+        } else {
+            out.push(line.to_owned());
+        }
+    }
+    unordered.sort();
+    out.append(&mut unordered);
+    out.join("\n")
+}
+
+fn normalize_words(state: &str) -> String {
+    state
+        .lines()
+        .map(|line| {
+            line.split(' ')
+                .map(|w| {
+                    let hexes: Vec<&str> = w.split(':').collect();
+                    if hexes.len() == 6
+                        && hexes
+                            .iter()
+                            .all(|h| h.len() == 2 && h.chars().all(|c| c.is_ascii_hexdigit()))
+                    {
+                        "MAC".to_owned()
+                    } else if w.starts_with("fe80::") {
+                        format!("fe80::LINKLOCAL{}", w.find('/').map(|i| &w[i..]).unwrap_or(""))
+                    } else if let Some(role) = namespace_role(w) {
+                        format!("RUN-{role}")
+                    } else if let Some(i) = w.find("@if") {
+                        format!("{}@ifN{}", &w[..i], if w.ends_with(':') { ":" } else { "" })
+                    } else {
+                        w.to_owned()
+                    }
+                })
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// `ROLE` of a namespace name `tt<pid>-<hex>-ROLE`.
+fn namespace_role(word: &str) -> Option<&str> {
+    let (pid, rest) = word.strip_prefix("tt")?.split_once('-')?;
+    let (id, role) = rest.split_once('-')?;
+    let ok = !pid.is_empty() && pid.chars().all(|c| c.is_ascii_digit()) && id.chars().all(|c| c.is_ascii_hexdigit());
+    ok.then_some(role)
+}
+
 /// Lines only in `a` (prefixed -) or only in `b` (prefixed +).
 fn diff(a: &str, b: &str) -> String {
     let (la, lb): (Vec<&str>, Vec<&str>) = (a.lines().collect(), b.lines().collect());
@@ -918,6 +998,17 @@ mod tests {
         assert!(parse("name='x'\n[[step]]\ndo='dance'\n").is_err());
         assert!(parse("name='x'\n[[step]]\ndo='ping'\nto='app'\n").is_ok());
         assert!(parse("name='x'\n[topology]\nsize='huge'\n[[step]]\ndo='start-servers'\n").is_err());
+    }
+
+    #[test]
+    fn normalize_removes_what_changes_between_runs() {
+        let raw = "eth0@if3: <BROADCAST> mtu 1500 link/ether 5a:0b:11:22:33:44 brd ff:ff:ff:ff:ff:ff link-netns tt123-ab12cd-router\n\
+                   eth0    inet6 fe80::580b:11ff:fe22:3344/64 scope link";
+        assert_eq!(
+            normalize(raw),
+            "eth0@ifN: <BROADCAST> mtu 1500 link/ether MAC brd MAC link-netns RUN-router\n\
+             eth0    inet6 fe80::LINKLOCAL/64 scope link"
+        );
     }
 
     #[test]

@@ -4,7 +4,8 @@
 use std::path::Path;
 use std::process::Command;
 
-fn run_scenario(file: &str) {
+/// Runs a scenario file and returns its results directory.
+fn run_scenario(file: &str) -> std::path::PathBuf {
     // SAFETY: geteuid has no preconditions.
     assert_eq!(
         unsafe { libc::geteuid() },
@@ -30,6 +31,29 @@ fn run_scenario(file: &str) {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+    out_dir
+}
+
+/// The laptop's normalized state before, during and after a client, for every
+/// DNS manager, against the snapshots in tests/snapshots/.
+#[test]
+fn laptop_state_snapshots() {
+    let dir = run_scenario("state.toml");
+    let results: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("results.json")).expect("results.json")).expect("JSON");
+    let mut taken = 0;
+    for case in results.as_array().expect("a list of cases") {
+        let case_name = case["name"].as_str().expect("case name");
+        let variant = case_name.trim_start_matches("state[resolvconf=").trim_end_matches(']');
+        for check in case["checks"].as_array().expect("checks") {
+            if let Some([name, text]) = check["snapshot"].as_array().map(Vec::as_slice) {
+                let name = format!("{variant}-{}", name.as_str().expect("name"));
+                insta::assert_snapshot!(name, text.as_str().expect("text"));
+                taken += 1;
+            }
+        }
+    }
+    assert_eq!(taken, 9, "three snapshots for each of three DNS managers");
 }
 
 #[test]
