@@ -108,29 +108,45 @@ impl Netlink {
 
     /// Routes `destination` to interface `index` (main table).
     pub async fn add_route(&self, destination: IpNet, index: u32) -> Result<()> {
-        self.add_route_in(destination, index, TABLE_MAIN).await
+        self.change_route(true, destination, index, TABLE_MAIN, None).await
     }
 
     /// Routes `destination` to interface `index` in `table`.
     pub async fn add_route_in(&self, destination: IpNet, index: u32, table: u32) -> Result<()> {
-        let msg = route_message(destination, index, table);
-        self.handle
-            .route()
-            .add(msg)
-            .execute()
-            .await
-            .with_context(|| format!("cannot add route {destination}"))
+        self.change_route(true, destination, index, table, None).await
     }
 
-    /// Removes a route to `destination` via interface `index` in `table`.
-    pub async fn del_route_in(&self, destination: IpNet, index: u32, table: u32) -> Result<()> {
-        let msg = route_message(destination, index, table);
-        self.handle
-            .route()
-            .del(msg)
-            .execute()
+    /// Routes `destination` to interface `index` in the main table with metric
+    /// `metric`, so it can be told apart from the kernel's own routes.
+    pub async fn add_route_metric(&self, destination: IpNet, index: u32, metric: u32) -> Result<()> {
+        self.change_route(true, destination, index, TABLE_MAIN, Some(metric))
             .await
-            .with_context(|| format!("cannot remove route {destination}"))
+    }
+
+    /// Removes a route added with [`Self::add_route_metric`].
+    pub async fn del_route_metric(&self, destination: IpNet, index: u32, metric: u32) -> Result<()> {
+        self.change_route(false, destination, index, TABLE_MAIN, Some(metric))
+            .await
+    }
+
+    async fn change_route(
+        &self,
+        add: bool,
+        destination: IpNet,
+        index: u32,
+        table: u32,
+        metric: Option<u32>,
+    ) -> Result<()> {
+        let mut msg = route_message(destination, index, table);
+        if let Some(metric) = metric {
+            msg.attributes.push(RouteAttribute::Priority(metric));
+        }
+        let result = if add {
+            self.handle.route().add(msg).execute().await
+        } else {
+            self.handle.route().del(msg).execute().await
+        };
+        result.with_context(|| format!("cannot {} route {destination}", if add { "add" } else { "remove" }))
     }
 
     /// All routes of one family in all tables.
@@ -276,41 +292,6 @@ impl Netlink {
             .execute()
             .await
             .with_context(|| format!("cannot remove proxy neighbour entry for {address}"))
-    }
-
-    /// Routes `destination` to interface `index` in the main table with metric
-    /// `metric`, so it can be told apart from the kernel's own routes.
-    pub async fn add_route_metric(&self, destination: IpNet, index: u32, metric: u32) -> Result<()> {
-        let mut msg = route_message(destination, index, TABLE_MAIN);
-        msg.attributes.push(RouteAttribute::Priority(metric));
-        self.handle
-            .route()
-            .add(msg)
-            .execute()
-            .await
-            .with_context(|| format!("cannot add route {destination}"))
-    }
-
-    /// Removes a route added with [`Self::add_route_metric`].
-    pub async fn del_route_metric(&self, destination: IpNet, index: u32, metric: u32) -> Result<()> {
-        let mut msg = route_message(destination, index, TABLE_MAIN);
-        msg.attributes.push(RouteAttribute::Priority(metric));
-        self.handle
-            .route()
-            .del(msg)
-            .execute()
-            .await
-            .with_context(|| format!("cannot remove route {destination}"))
-    }
-
-    /// Deletes interface `index`.
-    pub async fn del_link(&self, index: u32) -> Result<()> {
-        self.handle
-            .link()
-            .del(index)
-            .execute()
-            .await
-            .context("cannot delete interface")
     }
 }
 
