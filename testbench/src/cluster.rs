@@ -17,7 +17,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 
 use crate::exec::{self, Background};
-use crate::impair::Impairment;
+use crate::impair::{Backend, Impairment};
 use crate::laptop::{DnsVariant, Laptop};
 use crate::netns::{self, Netns};
 use crate::scenario::Topology;
@@ -56,6 +56,14 @@ pub struct Service {
     pub namespace: String,
     /// Cluster IP.
     pub ip: Ipv4Addr,
+    /// The pod behind it.
+    pub pod: String,
+    /// Service port.
+    pub port: u16,
+    /// The pod's port.
+    pub target_port: u16,
+    /// Also forward UDP on the port (DNS).
+    pub udp: bool,
 }
 
 /// Addresses of the built cluster.
@@ -74,6 +82,8 @@ pub struct Cluster {
     pub pods: Vec<Pod>,
     /// Services.
     pub services: Vec<Service>,
+    /// Pods and services removed during the run: checks may still aim at them.
+    gone: (Vec<Pod>, Vec<Service>),
     /// Background processes (servers, daemons), killed at teardown.
     pub processes: Vec<Background>,
     /// The teletun binary.
@@ -124,16 +134,6 @@ impl Cluster {
         let laptop_ns = mk("laptop")?;
         let router = mk("router")?;
         let node = mk("node1")?;
-        let pod_specs = [("teletun", 5u8), ("app", 6), ("dns", 4)];
-        let mut pods = Vec::new();
-        for (name, host) in pod_specs {
-            pods.push(Pod {
-                name: name.into(),
-                ns: mk(&format!("pod-{name}"))?,
-                ipv4: Ipv4Addr::new(10, 244, 1, host),
-                ipv6: Ipv6Addr::new(0xfd00, 0x10, 0x244, 1, 0, 0, 0, u16::from(host)),
-            });
-        }
 
         // Underlay: laptop 198.51.100.2 ─ .1 router 203.0.113.1 ─ node 203.0.113.11.
         let node_ip = Ipv4Addr::new(203, 0, 113, 11);
@@ -154,44 +154,27 @@ impl Cluster {
         node.ip(&["link", "set", "br0", "up"])?;
         node.sysctl("net.ipv4.ip_forward", "1")?;
         node.sysctl("net.ipv6.conf.all.forwarding", "1")?;
-        for pod in &pods {
-            let host_side = format!("v-{}", pod.name);
-            netns::veth(&pod.ns, "eth0", &node, &host_side)?;
-            node.ip(&["link", "set", &host_side, "master", "br0"])?;
-            pod.ns
-                .ip(&["addr", "add", &format!("{}/24", pod.ipv4), "dev", "eth0"])?;
-            pod.ns
-                .ip(&["addr", "add", &format!("{}/64", pod.ipv6), "dev", "eth0", "nodad"])?;
-            pod.ns.ip(&["route", "add", "default", "via", "10.244.1.1"])?;
-            pod.ns
-                .ip(&["-6", "route", "add", "default", "via", "fd00:10:244:1::1"])?;
-        }
-
         let services = vec![
             Service {
                 name: "web".into(),
                 namespace: "default".into(),
                 ip: Ipv4Addr::new(10, 96, 0, 20),
+                pod: "app".into(),
+                port: 80,
+                target_port: HTTP_PORT,
+                udp: false,
             },
             Service {
                 name: "kube-dns".into(),
                 namespace: "kube-system".into(),
                 ip: Ipv4Addr::new(10, 96, 0, 10),
+                pod: "dns".into(),
+                port: 53,
+                target_port: 53,
+                udp: true,
             },
         ];
-        // kube-proxy: service IPs DNAT-ed in the node; bridged replies pass conntrack.
-        let app = pods[1].ipv4;
-        let dns = pods[2].ipv4;
-        let rules = format!(
-            "table ip kube-proxy {{\n  chain prerouting {{\n    type nat hook prerouting priority dstnat;\n    \
-             ip daddr 10.96.0.20 tcp dport 80 dnat to {app}:{HTTP_PORT}\n    \
-             ip daddr 10.96.0.10 udp dport 53 dnat to {dns}:53\n    \
-             ip daddr 10.96.0.10 tcp dport 53 dnat to {dns}:53\n  }}\n}}\n"
-        );
-        let rules_file = dir.join("kube-proxy.nft");
-        std::fs::write(&rules_file, rules)?;
-        node.run("nft", &["-f", &rules_file.to_string_lossy()])
-            .context("cannot install service DNAT rules (is nftables installed?)")?;
+        // Bridged replies must pass conntrack to be un-NATed (the service hairpin).
         node.sysctl("net.bridge.bridge-nf-call-iptables", "1")
             .context("bridged traffic must pass netfilter for the service hairpin (br_netfilter)")?;
 
@@ -202,14 +185,20 @@ impl Cluster {
             router,
             node,
             node_ip,
-            pods,
+            pods: Vec::new(),
             services,
+            gone: (Vec::new(), Vec::new()),
             processes: Vec::new(),
             teletun: teletun.to_owned(),
             torn_down: false,
         };
         created.clear(); // the cluster owns them now
-        cluster.start_pod_daemons()?;
+        for (name, host) in [("teletun", 5u8), ("app", 6), ("dns", 4)] {
+            cluster.add_pod_at(name, host)?;
+        }
+        cluster.start_app("app")?;
+        cluster.sync_services()?;
+        cluster.start_dns()?;
         cluster.make_keys()?;
         Ok(cluster)
     }
@@ -222,10 +211,11 @@ impl Cluster {
             .with_context(|| format!("no pod {name:?}"))
     }
 
-    /// The service called `name`.
+    /// The service called `name`, also if it was removed (checks may aim at it).
     pub fn service(&self, name: &str) -> Result<&Service> {
         self.services
             .iter()
+            .chain(&self.gone.1)
             .find(|s| s.name == name)
             .with_context(|| format!("no service {name:?}"))
     }
@@ -235,26 +225,162 @@ impl Cluster {
         format!("nameserver 10.96.0.10\nsearch default.svc.{DOMAIN} svc.{DOMAIN} {DOMAIN}\noptions ndots:5\n")
     }
 
-    fn start_pod_daemons(&mut self) -> Result<()> {
+    /// Creates pod `name` with host number `host` on node1's bridge.
+    fn add_pod_at(&mut self, name: &str, host: u8) -> Result<()> {
+        if self.pods.iter().any(|p| p.name == name) {
+            bail!("pod {name:?} exists already");
+        }
+        let prefix = self.laptop.ns.name.trim_end_matches("-laptop").to_owned();
+        let pod = Pod {
+            name: name.into(),
+            ns: Netns::create(&format!("{prefix}-pod-{name}"))?,
+            ipv4: Ipv4Addr::new(10, 244, 1, host),
+            ipv6: Ipv6Addr::new(0xfd00, 0x10, 0x244, 1, 0, 0, 0, u16::from(host)),
+        };
+        // Owned by the cluster from here on, so teardown removes it even if set-up fails.
+        self.pods.push(pod.clone());
+        let host_side = format!("v-{name}");
+        netns::veth(&pod.ns, "eth0", &self.node, &host_side)?;
+        self.node.ip(&["link", "set", &host_side, "master", "br0"])?;
+        pod.ns
+            .ip(&["addr", "add", &format!("{}/24", pod.ipv4), "dev", "eth0"])?;
+        pod.ns
+            .ip(&["addr", "add", &format!("{}/64", pod.ipv6), "dev", "eth0", "nodad"])?;
+        pod.ns.ip(&["route", "add", "default", "via", "10.244.1.1"])?;
+        pod.ns
+            .ip(&["-6", "route", "add", "default", "via", "fd00:10:244:1::1"])?;
+        Ok(())
+    }
+
+    /// Adds a pod running the app agent (echo, HTTP, blobs) at the next free address.
+    pub fn add_app_pod(&mut self, name: &str) -> Result<()> {
+        let host = self.pods.iter().map(|p| p.ipv4.octets()[3]).max().unwrap_or(9).max(9) + 1;
+        self.add_pod_at(name, host)?;
+        self.start_app(name)?;
+        self.sync_dns()
+    }
+
+    /// Removes a pod: its processes and its namespace (and so its veth).
+    pub fn remove_pod(&mut self, name: &str) -> Result<()> {
+        let i = self
+            .pods
+            .iter()
+            .position(|p| p.name == name)
+            .with_context(|| format!("no pod {name:?}"))?;
+        let pod = self.pods.remove(i);
+        self.processes.retain(|p| p.name != format!("{name} agent"));
+        pod.ns.delete();
+        self.gone.0.push(pod);
+        self.sync_dns()
+    }
+
+    /// Adds a service for `pod`'s `target_port` at the next free cluster IP.
+    pub fn add_service(&mut self, name: &str, namespace: &str, pod: &str, port: u16, target_port: u16) -> Result<()> {
+        if self.services.iter().any(|s| s.name == name && s.namespace == namespace) {
+            bail!("service {namespace}/{name} exists already");
+        }
+        self.pod(pod)?;
+        let host = self
+            .services
+            .iter()
+            .map(|s| s.ip.octets()[3])
+            .max()
+            .unwrap_or(29)
+            .max(29)
+            + 1;
+        self.services.push(Service {
+            name: name.into(),
+            namespace: namespace.into(),
+            ip: Ipv4Addr::new(10, 96, 0, host),
+            pod: pod.into(),
+            port,
+            target_port,
+            udp: false,
+        });
+        self.sync_services()?;
+        self.sync_dns()
+    }
+
+    /// Removes a service: its DNAT rules and its DNS name.
+    pub fn remove_service(&mut self, name: &str) -> Result<()> {
+        let i = self
+            .services
+            .iter()
+            .position(|s| s.name == name)
+            .with_context(|| format!("no service {name:?}"))?;
+        let service = self.services.remove(i);
+        self.gone.1.push(service);
+        self.sync_services()?;
+        self.sync_dns()
+    }
+
+    /// Rewrites kube-proxy's DNAT table in the node from the service list.
+    fn sync_services(&self) -> Result<()> {
+        let mut rules = String::new();
+        for s in &self.services {
+            let Ok(pod) = self.pod(&s.pod) else { continue };
+            for proto in ["tcp"].into_iter().chain(s.udp.then_some("udp")) {
+                rules.push_str(&format!(
+                    "    ip daddr {} {proto} dport {} dnat to {}:{}\n",
+                    s.ip, s.port, pod.ipv4, s.target_port
+                ));
+            }
+        }
+        // Declaring the table first lets `delete` succeed on the first run too.
+        let table = format!(
+            "table ip kube-proxy\ndelete table ip kube-proxy\ntable ip kube-proxy {{\n  chain prerouting {{\n    \
+             type nat hook prerouting priority dstnat;\n{rules}  }}\n}}\n"
+        );
+        let file = self.dir.join("kube-proxy.nft");
+        std::fs::write(&file, table)?;
+        self.node
+            .run("nft", &["-f", &file.to_string_lossy()])
+            .context("cannot install service DNAT rules (is nftables installed?)")
+            .map(|_| ())
+    }
+
+    /// The cluster's DNS records, as a hosts file dnsmasq reads.
+    fn dns_hosts(&self) -> String {
+        let mut hosts = String::new();
+        for s in &self.services {
+            hosts.push_str(&format!("{} {}.{}.svc.{DOMAIN}\n", s.ip, s.name, s.namespace));
+        }
+        for p in &self.pods {
+            hosts.push_str(&format!(
+                "{} {}.pod.{DOMAIN}\n{} {}.pod.{DOMAIN}\n",
+                p.ipv4, p.name, p.ipv6, p.name
+            ));
+        }
+        hosts
+    }
+
+    /// Rewrites the DNS records and makes dnsmasq reread them.
+    fn sync_dns(&mut self) -> Result<()> {
+        std::fs::write(self.dir.join("dns-hosts"), self.dns_hosts())?;
+        if let Ok(p) = self.process_mut("dnsmasq") {
+            p.signal(libc::SIGHUP);
+        }
+        Ok(())
+    }
+
+    /// Starts the app agent in pod `name`.
+    fn start_app(&mut self, name: &str) -> Result<()> {
         let me = std::env::current_exe()?;
-        let app = self.pod("app")?.clone();
-        let mut cmd = app.ns.cmd(&me);
-        cmd.args([
-            "agent",
-            "serve",
-            "--name",
-            "app",
-            "--echo-port",
-            &ECHO_PORT.to_string(),
-            "--http-port",
-            &HTTP_PORT.to_string(),
-        ]);
-        let mut p = Background::spawn("app agent", cmd, &self.dir.join("app.log"))?;
+        let pod = self.pod(name)?.clone();
+        let mut cmd = pod.ns.cmd(&me);
+        cmd.args(["agent", "serve", "--name", name])
+            .arg(format!("--echo-port={ECHO_PORT}"))
+            .arg(format!("--http-port={HTTP_PORT}"));
+        let mut p = Background::spawn(&format!("{name} agent"), cmd, &self.dir.join(format!("{name}.log")))?;
         p.wait_for_log("serving", Duration::from_secs(10))?;
         self.processes.push(p);
+        Ok(())
+    }
 
+    /// Starts dnsmasq, the cluster DNS, in the dns pod.
+    fn start_dns(&mut self) -> Result<()> {
         let dns = self.pod("dns")?.clone();
-        let mut args = vec![
+        let args = vec![
             "--keep-in-foreground".to_string(),
             "--no-resolv".into(),
             "--no-hosts".into(),
@@ -266,16 +392,9 @@ impl Cluster {
             format!("--local=/{DOMAIN}/"),
             "--log-facility=-".into(),
             "--log-queries".into(),
+            format!("--addn-hosts={}", self.dir.join("dns-hosts").display()),
         ];
-        for s in &self.services {
-            args.push(format!(
-                "--host-record={}.{}.svc.{DOMAIN},{}",
-                s.name, s.namespace, s.ip
-            ));
-        }
-        for p in &self.pods {
-            args.push(format!("--host-record={}.pod.{DOMAIN},{},{}", p.name, p.ipv4, p.ipv6));
-        }
+        std::fs::write(self.dir.join("dns-hosts"), self.dns_hosts())?;
         let mut cmd = dns.ns.cmd("dnsmasq");
         cmd.args(&args);
         let p = Background::spawn("dnsmasq", cmd, &self.dir.join("dnsmasq.log"))?;
@@ -428,7 +547,12 @@ impl Cluster {
             }
             return Ok(self.service(svc)?.ip.into());
         }
-        let pod = self.pod(target)?;
+        let pod = self
+            .pods
+            .iter()
+            .chain(&self.gone.0)
+            .find(|p| p.name == target)
+            .with_context(|| format!("no pod {target:?}"))?;
         Ok(if ipv6 { pod.ipv6.into() } else { pod.ipv4.into() })
     }
 
@@ -437,6 +561,37 @@ impl Cluster {
     /// loss and duplication, tbf for rate.
     pub fn impair(&mut self, imp: &Impairment) -> Result<()> {
         self.clear_impairment();
+        if imp.backend == Backend::Netem {
+            // Probe on the router's loopback: does this kernel have netem at all?
+            if self
+                .router
+                .run("tc", &["qdisc", "add", "dev", "lo", "root", "netem"])
+                .is_err()
+            {
+                bail!(
+                    "this kernel has no netem (sch_netem); use the seeded userspace impairer (backend = \"userspace\")"
+                );
+            }
+            self.router.run("tc", &["qdisc", "del", "dev", "lo", "root"])?;
+            for dev in ["to-laptop", "to-node1"] {
+                let mut args = vec![
+                    "qdisc".to_owned(),
+                    "replace".into(),
+                    "dev".into(),
+                    dev.into(),
+                    "root".into(),
+                ];
+                args.extend(imp.netem_args());
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                if let Err(e) = self.router.run("tc", &args) {
+                    if format!("{e:#}").contains("\"seed\"") {
+                        bail!("this tc cannot seed netem (iproute2 6.5 or later can); use backend = \"userspace\"");
+                    }
+                    return Err(e);
+                }
+            }
+            return Ok(());
+        }
         if imp.needs_impairer() {
             let me = std::env::current_exe()?;
             let mut cmd = self.router.cmd(&me);

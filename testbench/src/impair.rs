@@ -47,6 +47,22 @@ pub struct Impairment {
     #[serde(default = "one")]
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// Who impairs: the seeded userspace impairer (default, works on any
+    /// kernel) or the kernel's netem qdisc where it exists.
+    #[serde(default)]
+    #[arg(skip)]
+    pub backend: Backend,
+}
+
+/// Where packets are impaired.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// `testbench agent impair` behind a TUN device in the router.
+    #[default]
+    Userspace,
+    /// `tc qdisc … netem` on the router's interfaces (seeded; Linux ≥ 6.6).
+    Netem,
 }
 
 fn one() -> u64 {
@@ -61,6 +77,32 @@ impl Impairment {
             || self.reorder_percent > 0.0
             || self.loss_percent > 0.0
             || self.duplicate_percent > 0.0
+    }
+
+    /// The `tc qdisc replace dev DEV root …` arguments for the netem backend.
+    pub fn netem_args(&self) -> Vec<String> {
+        let mut a: Vec<String> = vec!["netem".into()];
+        if self.delay_ms > 0.0 || self.jitter_ms > 0.0 {
+            a.extend([
+                "delay".into(),
+                format!("{}ms", self.delay_ms),
+                format!("{}ms", self.jitter_ms),
+            ]);
+        }
+        for (v, what) in [
+            (self.reorder_percent, "reorder"),
+            (self.loss_percent, "loss"),
+            (self.duplicate_percent, "duplicate"),
+        ] {
+            if v > 0.0 {
+                a.extend([what.into(), format!("{v}%")]);
+            }
+        }
+        if self.rate_mbit > 0.0 {
+            a.extend(["rate".into(), format!("{}mbit", self.rate_mbit)]);
+        }
+        a.extend(["seed".into(), self.seed.to_string()]);
+        a
     }
 
     /// A short description for reports.
@@ -84,7 +126,12 @@ impl Impairment {
         if parts.is_empty() {
             "none".into()
         } else {
-            format!("{}, seed {}", parts.join(", "), self.seed)
+            let by = if self.backend == Backend::Netem {
+                "netem"
+            } else {
+                "userspace"
+            };
+            format!("{}, seed {}, {by}", parts.join(", "), self.seed)
         }
     }
 }
@@ -156,5 +203,29 @@ pub fn run(name: &str, imp: &Impairment) -> Result<()> {
             );
             report = now + Duration::from_secs(1);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn netem_arguments_carry_every_setting_and_the_seed() {
+        let imp = Impairment {
+            delay_ms: 10.0,
+            jitter_ms: 5.0,
+            reorder_percent: 25.0,
+            loss_percent: 5.0,
+            duplicate_percent: 5.0,
+            rate_mbit: 100.0,
+            seed: 7,
+            backend: Backend::Netem,
+        };
+        assert_eq!(
+            imp.netem_args().join(" "),
+            "netem delay 10ms 5ms reorder 25% loss 5% duplicate 5% rate 100mbit seed 7"
+        );
+        assert!(!Impairment::default().needs_impairer());
     }
 }

@@ -115,6 +115,9 @@ pub enum Step {
         /// Use the pod's IPv6 address.
         #[serde(default)]
         ipv6: bool,
+        /// Pass only if it fails.
+        #[serde(default)]
+        expect_failure: bool,
     },
     /// TCP echo from the laptop.
     TcpEcho {
@@ -123,6 +126,9 @@ pub enum Step {
         /// Use IPv6.
         #[serde(default)]
         ipv6: bool,
+        /// Pass only if it fails.
+        #[serde(default)]
+        expect_failure: bool,
     },
     /// UDP echo from the laptop.
     UdpEcho {
@@ -132,17 +138,52 @@ pub enum Step {
         #[serde(default)]
         ipv6: bool,
     },
-    /// HTTP GET from the laptop.
+    /// HTTP GET from the laptop; the answer must come from the right pod.
     Http {
-        /// `POD` (port 8080) or `service:NAME` (port 80).
+        /// `POD` (port 8080) or `service:NAME` (its port).
         to: String,
+        /// Pass only if it fails.
+        #[serde(default)]
+        expect_failure: bool,
     },
-    /// Resolve a name on the laptop (glibc, /etc/resolv.conf) and expect an address.
+    /// Resolve a name on the laptop (glibc, /etc/resolv.conf) and expect an
+    /// address, or (with `expect = "nothing"`) no answer.
     Resolve {
         /// The name.
         name: String,
-        /// `POD`, `POD/ipv6` or `service:NAME`.
+        /// `POD`, `POD/ipv6`, `service:NAME`, or `nothing`.
         expect: String,
+    },
+    /// Add a pod running the app agent (echo, HTTP, blobs) to the cluster.
+    AddPod {
+        /// Its name.
+        name: String,
+    },
+    /// Remove a pod.
+    RemovePod {
+        /// Its name.
+        name: String,
+    },
+    /// Add a service for a pod's port.
+    AddService {
+        /// Its name.
+        name: String,
+        /// Kubernetes namespace.
+        #[serde(default = "default_namespace")]
+        namespace: String,
+        /// The pod behind it.
+        pod: String,
+        /// Service port.
+        #[serde(default = "port_80")]
+        port: u16,
+        /// The pod's port.
+        #[serde(default = "http_port")]
+        target_port: u16,
+    },
+    /// Remove a service.
+    RemoveService {
+        /// Its name.
+        name: String,
     },
     /// A pod connects to the server-cluster pod's IP; a listener on the laptop must get it.
     ConnectBack {
@@ -264,6 +305,15 @@ pub enum Step {
 fn ten() -> u64 {
     10
 }
+fn default_namespace() -> String {
+    "default".into()
+}
+fn port_80() -> u16 {
+    80
+}
+fn http_port() -> u16 {
+    HTTP_PORT
+}
 fn seed_one() -> u64 {
     1
 }
@@ -284,6 +334,7 @@ impl Step {
     /// A one-line label for reports.
     pub fn label(&self) -> String {
         let fam = |v6: &bool| if *v6 { " (IPv6)" } else { "" };
+        let fails = |f: &bool| if *f { " fails" } else { "" };
         match self {
             Step::StartServers => "start servers".into(),
             Step::StartClient {
@@ -297,11 +348,23 @@ impl Step {
                 ..
             } => format!("client {name} fails with {e:?}"),
             Step::StopClient { name, signal } => format!("stop client {name} with {signal}"),
-            Step::Ping { to, ipv6 } => format!("ping {to}{}", fam(ipv6)),
-            Step::TcpEcho { to, ipv6 } => format!("TCP echo {to}{}", fam(ipv6)),
+            Step::Ping {
+                to,
+                ipv6,
+                expect_failure,
+            } => format!("ping {to}{}{}", fam(ipv6), fails(expect_failure)),
+            Step::TcpEcho {
+                to,
+                ipv6,
+                expect_failure,
+            } => format!("TCP echo {to}{}{}", fam(ipv6), fails(expect_failure)),
             Step::UdpEcho { to, ipv6 } => format!("UDP echo {to}{}", fam(ipv6)),
-            Step::Http { to } => format!("HTTP {to}"),
+            Step::Http { to, expect_failure } => format!("HTTP {to}{}", fails(expect_failure)),
             Step::Resolve { name, expect } => format!("resolve {name} → {expect}"),
+            Step::AddPod { name } => format!("add pod {name}"),
+            Step::RemovePod { name } => format!("remove pod {name}"),
+            Step::AddService { name, pod, .. } => format!("add service {name} → {pod}"),
+            Step::RemoveService { name } => format!("remove service {name}"),
             Step::ConnectBack { from, ipv6 } => format!("{from} connects to the laptop{}", fam(ipv6)),
             Step::LaptopUnchanged { .. } => "laptop state unchanged".into(),
             Step::CrashClient { point, kill } => format!("client stopped at {point}, then {kill}"),
@@ -332,6 +395,23 @@ impl Step {
             Step::StopServer { role, signal } => format!("stop {role} with {signal}"),
             Step::ClientExits { name, expect_error, .. } => format!("client {name} exits with {expect_error:?}"),
         }
+    }
+
+    /// Whether the step passes only when its check fails.
+    fn expects_failure(&self) -> bool {
+        matches!(
+            self,
+            Step::Ping {
+                expect_failure: true,
+                ..
+            } | Step::TcpEcho {
+                expect_failure: true,
+                ..
+            } | Step::Http {
+                expect_failure: true,
+                ..
+            }
+        )
     }
 
     fn is_setup(&self) -> bool {
@@ -478,9 +558,17 @@ pub fn run(scenario: &Scenario, teletun: &Path, work: &Path, progress: &mut dyn 
             continue;
         }
         let t = Instant::now();
-        let outcome = match run.step(step) {
-            Ok(()) => Outcome::Pass,
-            Err(e) => {
+        let outcome = match (run.step(step), step.expects_failure()) {
+            (Ok(()), false) => Outcome::Pass,
+            (Err(e), true) => {
+                run.detail = Some(format!(
+                    "failed as expected: {}",
+                    format!("{e:#}").lines().next().unwrap_or("")
+                ));
+                Outcome::Pass
+            }
+            (Ok(()), true) => Outcome::Fail("it worked, but should have failed".into()),
+            (Err(e), false) => {
                 aborted = step.is_setup();
                 Outcome::Fail(format!("{e:#}"))
             }
@@ -551,12 +639,12 @@ impl Run<'_> {
                 }
                 Ok(())
             }
-            Step::Ping { to, ipv6 } => {
+            Step::Ping { to, ipv6, .. } => {
                 let ip = self.cluster.address(to, *ipv6)?.to_string();
                 self.laptop_check("ping", &["-c", "3", "-i", "0.2", "-W", "2", &ip])
                     .map(|_| ())
             }
-            Step::TcpEcho { to, ipv6 } => {
+            Step::TcpEcho { to, ipv6, .. } => {
                 let addr = std::net::SocketAddr::new(self.cluster.address(to, *ipv6)?, ECHO_PORT).to_string();
                 self.agent_on_laptop(&["tcp-echo", &addr]).map(|_| ())
             }
@@ -564,11 +652,34 @@ impl Run<'_> {
                 let addr = std::net::SocketAddr::new(self.cluster.address(to, *ipv6)?, ECHO_PORT).to_string();
                 self.agent_on_laptop(&["udp-echo", &addr]).map(|_| ())
             }
-            Step::Http { to } => {
-                let port = if to.starts_with("service:") { 80 } else { HTTP_PORT };
+            Step::Http { to, .. } => {
+                let (port, pod) = match to.strip_prefix("service:") {
+                    Some(svc) => {
+                        let s = self.cluster.service(svc)?;
+                        (s.port, s.pod.clone())
+                    }
+                    None => (HTTP_PORT, to.clone()),
+                };
                 let addr = std::net::SocketAddr::new(self.cluster.address(to, false)?, port).to_string();
-                self.agent_on_laptop(&["http", &addr, "hello from app"]).map(|_| ())
+                self.agent_on_laptop(&["http", &addr, &format!("hello from {pod} ")])
+                    .map(|_| ())
             }
+            Step::Resolve { name, expect } if expect == "nothing" => {
+                match self.laptop_check("getent", &["ahosts", name]) {
+                    Ok(out) => bail!("{name} resolved: {}", out.lines().next().unwrap_or("")),
+                    Err(_) => Ok(()),
+                }
+            }
+            Step::AddPod { name } => self.cluster.add_app_pod(name),
+            Step::RemovePod { name } => self.cluster.remove_pod(name),
+            Step::AddService {
+                name,
+                namespace,
+                pod,
+                port,
+                target_port,
+            } => self.cluster.add_service(name, namespace, pod, *port, *target_port),
+            Step::RemoveService { name } => self.cluster.remove_service(name),
             Step::Resolve { name, expect } => {
                 let (target, v6) = match expect.strip_suffix("/ipv6") {
                     Some(t) => (t, true),

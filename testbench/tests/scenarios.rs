@@ -62,6 +62,11 @@ fn connectivity() {
 }
 
 #[test]
+fn pods_and_services_come_and_go() {
+    run_scenario("cluster-changes.toml");
+}
+
+#[test]
 fn wrong_keys_are_refused_on_each_side() {
     run_scenario("wrong-keys.toml");
 }
