@@ -40,12 +40,22 @@ pub enum Command {
 /// `teletun client`.
 #[derive(Debug, Args)]
 pub struct ClientArgs {
-    /// kubeconfig to find the server with (Kubernetes discovery).
+    /// kubeconfig [default: as kubectl: KUBECONFIG, then ~/.kube/config].
     #[arg(long, value_name = "FILE")]
     pub kubeconfig: Option<PathBuf>,
-    /// The server-external pod's name (Kubernetes discovery).
+    /// The server-external pod: the client dials its node and routes the
+    /// cluster's networks, both found through the Kubernetes API.
     #[arg(long, value_name = "PODNAME")]
     pub pod: Option<String>,
+    /// The pod's namespace [default: the kubeconfig context's].
+    #[arg(long, value_name = "NAMESPACE")]
+    pub namespace: Option<String>,
+    /// The kubeconfig context [default: its current context].
+    #[arg(long, value_name = "NAME")]
+    pub context: Option<String>,
+    /// Route cluster networks even where they overlap this machine's routes.
+    #[arg(long)]
+    pub allow_conflicting: bool,
     /// server-external's port (TCP and UDP).
     #[arg(long, value_name = "PORT", value_parser = clap::value_parser!(u16).range(1..))]
     pub port: u16,
@@ -58,10 +68,11 @@ pub struct ClientArgs {
     /// Our private key.
     #[arg(long, value_name = "FILE")]
     pub client_privkey: PathBuf,
-    /// Dial this address instead of asking Kubernetes where server-external runs.
+    /// Dial this address instead of server-external's node (for nodes that are
+    /// not directly reachable); without -pod, no Kubernetes API is used.
     #[arg(long, value_name = "ADDR")]
     pub server_address: Option<IpAddr>,
-    /// Route this network into the tunnel (repeatable).
+    /// Also route this network into the tunnel (repeatable).
     #[arg(long, value_name = "CIDR")]
     pub route: Vec<IpNet>,
     /// Do not register the cluster's DNS.

@@ -6,6 +6,7 @@
 //! - [`transport`]: the DTLS 1.2 data plane.
 //! - [`io`]: batched packet I/O (TUN, AF_UNIX, UDP) and pump threads.
 //! - [`netconf`]: addresses, routes, DNS registration, and the record of changes.
+//! - [`kube`]: finding server-external and the cluster's networks through the API.
 //! - [`roles`]: `client`, `server-external`, `server-cluster`, `cleanup`, `keygen`.
 
 pub mod cli;
@@ -13,6 +14,7 @@ pub mod control;
 pub mod crashpoint;
 pub mod io;
 pub mod keys;
+pub mod kube;
 pub mod netconf;
 pub mod proto;
 pub mod roles;

@@ -1,6 +1,6 @@
 //! The `teletun` binary: parse the command line, run a role, report one line on failure.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::process::ExitCode;
 
 use anyhow::{bail, Result};
@@ -70,14 +70,22 @@ fn run(cli: Cli) -> Result<()> {
             let own = keys::load_pinned(&a.client_pubkey)?;
             keys::ensure_pair(&identity, &own, &a.client_privkey)?;
             let server_key = keys::load_pinned(&a.server_pubkey)?;
-            let Some(address) = a.server_address else {
-                bail!(
-                    "finding the server through Kubernetes (-pod{}) is not available yet; pass --server-address ADDR and --route CIDR",
-                    a.pod.map(|p| format!("={p}")).unwrap_or_default()
-                );
-            };
+            if a.pod.is_none() && a.server_address.is_none() {
+                bail!("which server? pass -pod=NAME (found through the kubeconfig) or --server-address ADDR");
+            }
+            let kube = a.pod.map(|pod| client::KubeTarget {
+                options: teletun::kube::KubeOptions {
+                    kubeconfig: a.kubeconfig,
+                    context: a.context,
+                    namespace: a.namespace,
+                },
+                pod,
+            });
+            let address = a.server_address.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
             let config = client::ClientConfig {
                 server: SocketAddr::new(address, a.port),
+                kube,
+                allow_conflicting: a.allow_conflicting,
                 identity,
                 identity_path: a.client_privkey,
                 server_key,

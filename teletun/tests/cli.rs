@@ -116,20 +116,23 @@ fn key_problems_give_one_line_naming_the_file() {
 }
 
 #[test]
-fn kubernetes_discovery_is_not_faked() {
+fn the_server_must_be_named_and_a_bad_kubeconfig_is_named() {
     let d = tempdir("kube");
     let prefix = d.join("k");
     assert!(teletun(&["keygen", "--out", prefix.to_str().unwrap()]).status.success());
     let (key, public) = (format!("{}.key", prefix.display()), format!("{}.pub", prefix.display()));
-    let o = teletun(&[
-        "client",
-        "-pod=teletun-external",
-        "-port=8443",
-        &format!("-server-pubkey={public}"),
-        &format!("-client-pubkey={public}"),
-        &format!("-client-privkey={key}"),
-    ]);
-    assert_one_error_line(&o, "--server-address");
+    let keys = [
+        format!("-server-pubkey={public}"),
+        format!("-client-pubkey={public}"),
+        format!("-client-privkey={key}"),
+    ];
+    let mut args = vec!["client", "-port=8443"];
+    args.extend(keys.iter().map(String::as_str));
+    assert_one_error_line(&teletun(&args), "-pod=NAME");
+    let missing = d.join("no-such-kubeconfig");
+    let flag = format!("-kubeconfig={}", missing.display());
+    args.extend(["-pod=teletun-external", flag.as_str()]);
+    assert_one_error_line(&teletun(&args), "no-such-kubeconfig");
     std::fs::remove_dir_all(d).unwrap();
 }
 

@@ -88,7 +88,7 @@ pub fn run(teletun: &Path, work: &Path, opts: &BenchOptions) -> Result<Vec<PathR
     cluster.start_servers()?;
     let mut client = Background::spawn(
         "client",
-        cluster.client_command("client", "server"),
+        cluster.client_command(&crate::cluster::ClientOptions::default())?,
         &cluster.dir.join("client.log"),
     )?;
     client.wait_for_log("is up", Duration::from_secs(20))?;

@@ -9,6 +9,7 @@
 //! Bridged traffic passes netfilter (`bridge-nf-call-iptables`) so a pod's reply
 //! to a pod on the same bridge is un-NATed (the service hairpin).
 
+use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -18,9 +19,65 @@ use anyhow::{bail, Context, Result};
 
 use crate::exec::{self, Background};
 use crate::impair::{Backend, Impairment};
+use crate::kubeapi::{self, ApiOptions, ApiServer};
 use crate::laptop::{DnsVariant, Laptop};
 use crate::netns::{self, Netns};
 use crate::scenario::Topology;
+
+/// How to start a client.
+pub struct ClientOptions<'a> {
+    /// Key pair it uses.
+    pub client_key: &'a str,
+    /// Public key it pins for the server.
+    pub server_key: &'a str,
+    /// `-pod` (with a Kubernetes API).
+    pub pod: Option<&'a str>,
+    /// A broken kubeconfig variant (with a Kubernetes API).
+    pub kubeconfig: Option<&'a str>,
+    /// More arguments.
+    pub args: &'a [String],
+}
+
+impl Default for ClientOptions<'_> {
+    fn default() -> Self {
+        ClientOptions {
+            client_key: "client",
+            server_key: "server",
+            pod: None,
+            kubeconfig: None,
+            args: &[],
+        }
+    }
+}
+
+/// The server-external pod's name in the Kubernetes API (it runs with hostNetwork).
+pub const EXTERNAL_POD: &str = "teletun-external";
+
+/// The Kubernetes namespace of a pod: the DNS pod lives in kube-system.
+fn pod_namespace(name: &str) -> &'static str {
+    if name == "dns" {
+        "kube-system"
+    } else {
+        "default"
+    }
+}
+
+fn meta(name: &str, namespace: Option<&str>) -> k8s::ObjectMeta {
+    k8s::ObjectMeta {
+        name: Some(name.into()),
+        namespace: namespace.map(str::to_owned),
+        ..Default::default()
+    }
+}
+
+/// The Kubernetes types the cluster publishes.
+mod k8s {
+    pub use k8s_openapi::api::core::v1::{
+        Node, NodeAddress, NodeSpec, NodeStatus, Pod, PodIP, PodSpec, PodStatus, Service, ServicePort, ServiceSpec,
+    };
+    pub use k8s_openapi::api::networking::v1::{ServiceCIDR, ServiceCIDRSpec};
+    pub use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+}
 
 /// What server-external logs when it links up with server-cluster.
 const LINKED: &str = "server-cluster connected";
@@ -84,6 +141,12 @@ pub struct Cluster {
     pub services: Vec<Service>,
     /// Pods and services removed during the run: checks may still aim at them.
     gone: (Vec<Pod>, Vec<Service>),
+    /// How it was built.
+    topology: Topology,
+    /// The Kubernetes API describing it, if the topology asks for one.
+    api: Option<ApiServer>,
+    /// When each pod or service (`POD`, `service:NAME`) was last added or removed.
+    pub changed_at: HashMap<String, std::time::Instant>,
     /// Background processes (servers, daemons), killed at teardown.
     pub processes: Vec<Background>,
     /// The teletun binary.
@@ -106,11 +169,16 @@ impl Cluster {
     /// Builds the whole cluster and starts its pods' daemons (not the teletun roles).
     pub fn build(teletun: &Path, work: &Path, topology: &Topology) -> Result<Cluster> {
         let dns = DnsVariant::parse(&topology.resolvconf)?;
+        for r in &topology.forbid {
+            if !["nodes", "pods", "services", "servicecidrs"].contains(&r.as_str()) {
+                bail!("forbid: unknown resource {r:?} (nodes, pods, services, servicecidrs)");
+            }
+        }
         let id = unique_id();
         let dir = work.join(&id);
         std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
         let mut created: Vec<Netns> = Vec::new();
-        let result = Self::build_in(&id, &dir, teletun, dns, &mut created);
+        let result = Self::build_in(&id, &dir, teletun, dns, topology, &mut created);
         if result.is_err() {
             for ns in created.iter().rev() {
                 ns.delete();
@@ -124,6 +192,7 @@ impl Cluster {
         dir: &Path,
         teletun: &Path,
         dns_variant: DnsVariant,
+        topology: &Topology,
         created: &mut Vec<Netns>,
     ) -> Result<Cluster> {
         let mut mk = |role: &str| -> Result<Netns> {
@@ -188,6 +257,9 @@ impl Cluster {
             pods: Vec::new(),
             services,
             gone: (Vec::new(), Vec::new()),
+            topology: topology.clone(),
+            api: None,
+            changed_at: HashMap::new(),
             processes: Vec::new(),
             teletun: teletun.to_owned(),
             torn_down: false,
@@ -200,6 +272,9 @@ impl Cluster {
         cluster.sync_services()?;
         cluster.start_dns()?;
         cluster.make_keys()?;
+        if topology.kubernetes {
+            cluster.start_api()?;
+        }
         Ok(cluster)
     }
 
@@ -257,7 +332,10 @@ impl Cluster {
         let host = self.pods.iter().map(|p| p.ipv4.octets()[3]).max().unwrap_or(9).max(9) + 1;
         self.add_pod_at(name, host)?;
         self.start_app(name)?;
-        self.sync_dns()
+        self.sync_dns()?;
+        self.publish_pod(name)?;
+        self.changed_at.insert(name.to_owned(), std::time::Instant::now());
+        Ok(())
     }
 
     /// Removes a pod: its processes and its namespace (and so its veth).
@@ -270,6 +348,10 @@ impl Cluster {
         let pod = self.pods.remove(i);
         self.processes.retain(|p| p.name != format!("{name} agent"));
         pod.ns.delete();
+        if let Some(api) = &self.api {
+            api.delete(kubeapi::Kind::Pod, Some(pod_namespace(name)), name)?;
+        }
+        self.changed_at.insert(name.to_owned(), std::time::Instant::now());
         self.gone.0.push(pod);
         self.sync_dns()
     }
@@ -298,7 +380,11 @@ impl Cluster {
             udp: false,
         });
         self.sync_services()?;
-        self.sync_dns()
+        self.sync_dns()?;
+        self.publish_service(name)?;
+        self.changed_at
+            .insert(format!("service:{name}"), std::time::Instant::now());
+        Ok(())
     }
 
     /// Removes a service: its DNAT rules and its DNS name.
@@ -309,6 +395,11 @@ impl Cluster {
             .position(|s| s.name == name)
             .with_context(|| format!("no service {name:?}"))?;
         let service = self.services.remove(i);
+        if let Some(api) = &self.api {
+            api.delete(kubeapi::Kind::Service, Some(&service.namespace), name)?;
+        }
+        self.changed_at
+            .insert(format!("service:{name}"), std::time::Instant::now());
         self.gone.1.push(service);
         self.sync_services()?;
         self.sync_dns()
@@ -523,20 +614,251 @@ impl Cluster {
             .with_context(|| format!("{name} is not running"))
     }
 
-    /// The client command line (seed flags plus the overrides that replace
-    /// Kubernetes discovery).
-    pub fn client_command(&self, client_key: &str, server_key: &str) -> Command {
+    /// The client command line: with a Kubernetes API exactly the seed's
+    /// usage line; without, the overrides that replace discovery.
+    pub fn client_command(&self, o: &ClientOptions) -> Result<Command> {
         let mut cmd = self.laptop.cmd(&self.teletun);
-        cmd.arg("client")
-            .arg(format!("-port={SERVER_PORT}"))
-            .arg(format!("-server-pubkey={}", self.key(server_key, "pub")))
-            .arg(format!("-client-pubkey={}", self.key(client_key, "pub")))
-            .arg(format!("-client-privkey={}", self.key(client_key, "key")))
-            .arg(format!("--server-address={}", self.node_ip));
-        for r in CLUSTER_ROUTES {
-            cmd.arg(format!("--route={r}"));
+        cmd.arg("client");
+        if self.api.is_some() {
+            let kubeconfig = match o.kubeconfig {
+                None => self.kubeconfig(),
+                Some(variant) => self.broken_kubeconfig(variant)?,
+            };
+            cmd.arg(format!("-kubeconfig={}", kubeconfig.display()))
+                .arg(format!("-pod={}", o.pod.unwrap_or(EXTERNAL_POD)));
+        } else if o.pod.is_some() || o.kubeconfig.is_some() {
+            bail!("pod and kubeconfig need a Kubernetes API ([topology] kubernetes = true)");
         }
-        cmd
+        cmd.arg(format!("-port={SERVER_PORT}"))
+            .arg(format!("-server-pubkey={}", self.key(o.server_key, "pub")))
+            .arg(format!("-client-pubkey={}", self.key(o.client_key, "pub")))
+            .arg(format!("-client-privkey={}", self.key(o.client_key, "key")));
+        if self.api.is_none() {
+            cmd.arg(format!("--server-address={}", self.node_ip));
+            for r in CLUSTER_ROUTES {
+                cmd.arg(format!("--route={r}"));
+            }
+        }
+        cmd.args(o.args);
+        Ok(cmd)
+    }
+
+    /// A copy of the kubeconfig with a wrong token, or pointing where no API listens.
+    fn broken_kubeconfig(&self, variant: &str) -> Result<PathBuf> {
+        let good = std::fs::read_to_string(self.kubeconfig())?;
+        let broken = match variant {
+            "wrong-token" => good
+                .lines()
+                .map(|l| {
+                    if l.trim_start().starts_with("token:") {
+                        "    token: not-the-token"
+                    } else {
+                        l
+                    }
+                })
+                .collect::<Vec<_>>()
+                .join("\n"),
+            "unreachable" => good.replace(&format!(":{}", kubeapi::API_PORT), ":6999"),
+            other => bail!("unknown kubeconfig variant {other:?}: use wrong-token or unreachable"),
+        };
+        let path = self.dir.join(format!("kubeconfig-{variant}"));
+        std::fs::write(&path, broken)?;
+        Ok(path)
+    }
+
+    /// The kubeconfig for the cluster's API.
+    pub fn kubeconfig(&self) -> PathBuf {
+        self.dir.join("kubeconfig")
+    }
+
+    /// Starts the Kubernetes API in node1 and publishes every object.
+    fn start_api(&mut self) -> Result<()> {
+        let api = ApiServer::start(
+            &self.node.path(),
+            self.node_ip.into(),
+            &self.kubeconfig(),
+            ApiOptions {
+                forbidden: self.topology.forbid.clone(),
+                serve_service_cidrs: self.topology.service_cidrs,
+            },
+        )?;
+        self.api = Some(api);
+        self.publish_node()?;
+        if self.topology.service_cidrs {
+            let cidr = k8s::ServiceCIDR {
+                metadata: meta("kubernetes", None),
+                spec: Some(k8s::ServiceCIDRSpec {
+                    cidrs: Some(vec!["10.96.0.0/16".into()]),
+                }),
+                ..Default::default()
+            };
+            self.api()?.put(kubeapi::Kind::ServiceCidr, &cidr)?;
+        }
+        let external = k8s::Pod {
+            metadata: meta(EXTERNAL_POD, Some("default")),
+            spec: Some(k8s::PodSpec {
+                host_network: Some(true),
+                node_name: Some("node1".into()),
+                ..Default::default()
+            }),
+            status: Some(k8s::PodStatus {
+                phase: Some("Running".into()),
+                pod_ip: Some(self.node_ip.to_string()),
+                pod_ips: Some(vec![k8s::PodIP {
+                    ip: self.node_ip.to_string(),
+                }]),
+                host_ip: Some(self.node_ip.to_string()),
+                ..Default::default()
+            }),
+        };
+        self.api()?.put(kubeapi::Kind::Pod, &external)?;
+        // For the error paths: a pod that does not run yet, and one on a node
+        // without addresses.
+        let mut pending = external.clone();
+        pending.metadata = meta("teletun-pending", Some("default"));
+        pending.status = Some(k8s::PodStatus {
+            phase: Some("Pending".into()),
+            ..Default::default()
+        });
+        self.api()?.put(kubeapi::Kind::Pod, &pending)?;
+        let mut nowhere = external.clone();
+        nowhere.metadata = meta("teletun-nowhere", Some("default"));
+        if let Some(spec) = nowhere.spec.as_mut() {
+            spec.node_name = Some("node-without-address".into());
+        }
+        self.api()?.put(kubeapi::Kind::Pod, &nowhere)?;
+        let bare = k8s::Node {
+            metadata: meta("node-without-address", None),
+            ..Default::default()
+        };
+        self.api()?.put(kubeapi::Kind::Node, &bare)?;
+        for name in self.pods.iter().map(|p| p.name.clone()).collect::<Vec<_>>() {
+            self.publish_pod(&name)?;
+        }
+        for name in self.services.iter().map(|s| s.name.clone()).collect::<Vec<_>>() {
+            self.publish_service(&name)?;
+        }
+        Ok(())
+    }
+
+    /// Makes the API forget its history and drop its watches; waits until
+    /// the watchers got 410 Gone and listed again. Returns how many did.
+    pub fn compact_api(&self) -> Result<u64> {
+        let api = self.api()?;
+        let (gone, lists) = api.counters();
+        api.compact();
+        let watched = if self.topology.service_cidrs { 4 } else { 3 };
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let (g, l) = api.counters();
+            if g - gone >= watched && l - lists >= watched {
+                return Ok(g - gone);
+            }
+            if std::time::Instant::now() > deadline {
+                bail!(
+                    "after compaction, {} watches got 410 Gone and {} lists followed; expected {watched} each",
+                    g - gone,
+                    l - lists
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn api(&self) -> Result<&ApiServer> {
+        self.api
+            .as_ref()
+            .context("this cluster has no Kubernetes API ([topology] kubernetes = true)")
+    }
+
+    fn publish_node(&self) -> Result<()> {
+        let Some(api) = &self.api else { return Ok(()) };
+        let cidrs = self
+            .topology
+            .node_pod_cidrs
+            .then(|| vec!["10.244.1.0/24".to_owned(), "fd00:10:244:1::/64".to_owned()]);
+        let node = k8s::Node {
+            metadata: meta("node1", None),
+            spec: Some(k8s::NodeSpec {
+                pod_cidr: cidrs.as_ref().map(|c| c[0].clone()),
+                pod_cidrs: cidrs,
+                ..Default::default()
+            }),
+            status: Some(k8s::NodeStatus {
+                addresses: Some(vec![
+                    k8s::NodeAddress {
+                        type_: "InternalIP".into(),
+                        address: "172.31.0.11".into(),
+                    },
+                    k8s::NodeAddress {
+                        type_: "ExternalIP".into(),
+                        address: self.node_ip.to_string(),
+                    },
+                    k8s::NodeAddress {
+                        type_: "Hostname".into(),
+                        address: "node1".into(),
+                    },
+                ]),
+                ..Default::default()
+            }),
+        };
+        api.put(kubeapi::Kind::Node, &node)
+    }
+
+    fn publish_pod(&self, name: &str) -> Result<()> {
+        let Some(api) = &self.api else { return Ok(()) };
+        let p = self.pod(name)?;
+        let pod = k8s::Pod {
+            metadata: meta(name, Some(pod_namespace(name))),
+            spec: Some(k8s::PodSpec {
+                node_name: Some("node1".into()),
+                ..Default::default()
+            }),
+            status: Some(k8s::PodStatus {
+                phase: Some("Running".into()),
+                pod_ip: Some(p.ipv4.to_string()),
+                pod_ips: Some(vec![
+                    k8s::PodIP { ip: p.ipv4.to_string() },
+                    k8s::PodIP { ip: p.ipv6.to_string() },
+                ]),
+                host_ip: Some(self.node_ip.to_string()),
+                ..Default::default()
+            }),
+        };
+        api.put(kubeapi::Kind::Pod, &pod)
+    }
+
+    fn publish_service(&self, name: &str) -> Result<()> {
+        let Some(api) = &self.api else { return Ok(()) };
+        let s = self
+            .services
+            .iter()
+            .find(|s| s.name == name)
+            .with_context(|| format!("no service {name:?}"))?;
+        let mut ports = vec![k8s::ServicePort {
+            port: i32::from(s.port),
+            protocol: Some("TCP".into()),
+            ..Default::default()
+        }];
+        if s.udp {
+            ports.push(k8s::ServicePort {
+                name: Some("udp".into()),
+                port: i32::from(s.port),
+                protocol: Some("UDP".into()),
+                ..Default::default()
+            });
+        }
+        let service = k8s::Service {
+            metadata: meta(name, Some(&s.namespace)),
+            spec: Some(k8s::ServiceSpec {
+                cluster_ip: Some(s.ip.to_string()),
+                cluster_ips: Some(vec![s.ip.to_string()]),
+                ports: Some(ports),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        api.put(kubeapi::Kind::Service, &service)
     }
 
     /// Resolves a target: `POD` (its IPv4), `POD/ipv6`, `service:NAME`.
@@ -656,6 +978,7 @@ impl Cluster {
             let _ = p.wait(Duration::from_secs(3));
         }
         self.processes.clear();
+        self.api = None;
         self.laptop.teardown();
         for pod in &self.pods {
             pod.ns.delete();

@@ -6,6 +6,7 @@ mod bench;
 mod cluster;
 mod exec;
 mod impair;
+mod kubeapi;
 mod laptop;
 mod netns;
 mod report;

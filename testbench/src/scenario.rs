@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use serde::Deserialize;
 
-use crate::cluster::{Cluster, ECHO_PORT, HTTP_PORT};
+use crate::cluster::{ClientOptions, Cluster, ECHO_PORT, HTTP_PORT};
 use crate::exec::{self, Background};
 use crate::impair::Impairment;
 use crate::report::{CaseResult, CheckResult, Outcome};
@@ -35,9 +35,29 @@ struct ScenarioFile {
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct Topology {
-    /// The laptop's DNS management: `debian` (resolvconf), `openresolv`.
+    /// The laptop's DNS management: `debian` (resolvconf), `openresolv`,
+    /// `systemd-resolved`.
     #[serde(default = "debian")]
     pub resolvconf: String,
+    /// Serve a Kubernetes API describing the cluster; clients then use only
+    /// the seed's usage line (`-kubeconfig`, `-pod`), no `--server-address` or
+    /// `--route`.
+    #[serde(default)]
+    pub kubernetes: bool,
+    /// Nodes carry `spec.podCIDRs` (else clients route each pod IP).
+    #[serde(default = "yes")]
+    pub node_pod_cidrs: bool,
+    /// The API serves networking.k8s.io/v1 ServiceCIDRs (else clients route
+    /// each service IP).
+    #[serde(default = "yes")]
+    pub service_cidrs: bool,
+    /// Resources the API answers with 403 Forbidden (`pods`, `nodes`, …).
+    #[serde(default)]
+    pub forbid: Vec<String>,
+}
+
+fn yes() -> bool {
+    true
 }
 
 fn debian() -> String {
@@ -46,7 +66,13 @@ fn debian() -> String {
 
 impl Default for Topology {
     fn default() -> Self {
-        Topology { resolvconf: debian() }
+        Topology {
+            resolvconf: debian(),
+            kubernetes: false,
+            node_pod_cidrs: true,
+            service_cidrs: true,
+            forbid: Vec::new(),
+        }
     }
 }
 
@@ -98,6 +124,13 @@ pub enum Step {
         server_key: String,
         /// Expect the client to exit non-zero with this text.
         expect_error: Option<String>,
+        /// With a Kubernetes API: the pod to name with `-pod`.
+        pod: Option<String>,
+        /// With a Kubernetes API: `wrong-token` or `unreachable` for a broken kubeconfig.
+        kubeconfig: Option<String>,
+        /// More command-line arguments.
+        #[serde(default)]
+        args: Vec<String>,
     },
     /// Stop a client with a signal; it must exit 0 after cleaning up.
     StopClient {
@@ -185,6 +218,25 @@ pub enum Step {
         /// Its name.
         name: String,
     },
+    /// The laptop routes `to` (a pod, `service:NAME` or an address) into the
+    /// tunnel, or with `present = false` no longer does, within `within`
+    /// seconds. Reports how long after the object's last change it happened.
+    Route {
+        /// Pod, `service:NAME`, or an IP address.
+        to: String,
+        /// Use the pod's IPv6 address.
+        #[serde(default)]
+        ipv6: bool,
+        /// Whether the route must exist.
+        #[serde(default = "yes")]
+        present: bool,
+        /// Seconds to wait.
+        #[serde(default = "two")]
+        within: u64,
+    },
+    /// Make the API forget its event history (as etcd compaction does):
+    /// watchers get 410 Gone and must list again.
+    CompactApi,
     /// A pod connects to the server-cluster pod's IP; a listener on the laptop must get it.
     ConnectBack {
         /// The pod that connects.
@@ -305,6 +357,9 @@ pub enum Step {
 fn ten() -> u64 {
     10
 }
+fn two() -> u64 {
+    2
+}
 fn default_namespace() -> String {
     "default".into()
 }
@@ -365,6 +420,19 @@ impl Step {
             Step::RemovePod { name } => format!("remove pod {name}"),
             Step::AddService { name, pod, .. } => format!("add service {name} → {pod}"),
             Step::RemoveService { name } => format!("remove service {name}"),
+            Step::Route {
+                to,
+                ipv6,
+                present: true,
+                ..
+            } => format!("{to}{} is routed into the tunnel", fam(ipv6)),
+            Step::Route {
+                to,
+                ipv6,
+                present: false,
+                ..
+            } => format!("{to}{} is not routed into the tunnel", fam(ipv6)),
+            Step::CompactApi => "compact the API's history (410 Gone)".into(),
             Step::ConnectBack { from, ipv6 } => format!("{from} connects to the laptop{}", fam(ipv6)),
             Step::LaptopUnchanged { .. } => "laptop state unchanged".into(),
             Step::CrashClient { point, kill } => format!("client stopped at {point}, then {kill}"),
@@ -619,7 +687,19 @@ impl Run<'_> {
                 client_key,
                 server_key,
                 expect_error,
-            } => self.start_client(name, client_key, server_key, expect_error.as_deref()),
+                pod,
+                kubeconfig,
+                args,
+            } => {
+                let options = ClientOptions {
+                    client_key,
+                    server_key,
+                    pod: pod.as_deref(),
+                    kubeconfig: kubeconfig.as_deref(),
+                    args,
+                };
+                self.start_client(name, &options, expect_error.as_deref())
+            }
             Step::StopClient { name, signal } => {
                 let sig = signal_number(signal)?;
                 if sig == libc::SIGKILL {
@@ -680,6 +760,40 @@ impl Run<'_> {
                 target_port,
             } => self.cluster.add_service(name, namespace, pod, *port, *target_port),
             Step::RemoveService { name } => self.cluster.remove_service(name),
+            Step::CompactApi => {
+                let n = self.cluster.compact_api()?;
+                self.detail = Some(format!("{n} watches got 410 Gone and listed again"));
+                Ok(())
+            }
+            Step::Route {
+                to,
+                ipv6,
+                present,
+                within,
+            } => {
+                let addr = match to.parse::<std::net::IpAddr>() {
+                    Ok(ip) => ip,
+                    Err(_) => self.cluster.address(to, *ipv6)?,
+                };
+                let since = self.cluster.changed_at.get(to).copied();
+                let deadline = Instant::now() + Duration::from_secs(*within);
+                loop {
+                    let mut c = self.cluster.laptop.cmd("ip");
+                    c.args(["-o", "route", "get", &addr.to_string()]);
+                    let out = exec::output(c, Duration::from_secs(5))?;
+                    let routed = out.status.success() && out.stdout.contains(" dev tel");
+                    if routed == *present {
+                        if let Some(t) = since {
+                            self.detail = Some(format!("{} ms after the change", t.elapsed().as_millis()));
+                        }
+                        return Ok(());
+                    }
+                    if Instant::now() > deadline {
+                        bail!("after {within} s: {}", out.both());
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
             Step::Resolve { name, expect } => {
                 let (target, v6) = match expect.strip_suffix("/ipv6") {
                     Some(t) => (t, true),
@@ -945,7 +1059,7 @@ impl Run<'_> {
             "SIGKILL-group" => (libc::SIGKILL, true),
             other => (signal_number(other)?, false),
         };
-        let mut cmd = self.cluster.client_command("client", "server");
+        let mut cmd = self.cluster.client_command(&ClientOptions::default())?;
         cmd.env("TELETUN_TESTBENCH_CRASHPOINT", point);
         let log = self.cluster.dir.join(format!("client-crash-{point}.log"));
         let mut c = Background::spawn("crashing client", cmd, &log)?;
@@ -970,17 +1084,11 @@ impl Run<'_> {
         Ok(())
     }
 
-    fn start_client(
-        &mut self,
-        name: &str,
-        client_key: &str,
-        server_key: &str,
-        expect_error: Option<&str>,
-    ) -> Result<()> {
+    fn start_client(&mut self, name: &str, options: &ClientOptions, expect_error: Option<&str>) -> Result<()> {
         if self.clients.contains_key(name) {
             bail!("client {name:?} already runs");
         }
-        let cmd = self.cluster.client_command(client_key, server_key);
+        let cmd = self.cluster.client_command(options)?;
         let log = self.cluster.dir.join(format!("client-{name}.log"));
         let mut c = Background::spawn(&format!("client {name}"), cmd, &log)?;
         match expect_error {

@@ -57,6 +57,26 @@ fn laptop_state_snapshots() {
 }
 
 #[test]
+fn kube_discovery_with_the_seed_usage_line() {
+    run_scenario("kube-discovery.toml");
+}
+
+#[test]
+fn kube_watch_routes_changes_live() {
+    run_scenario("kube-watch.toml");
+}
+
+#[test]
+fn kube_errors_are_one_clear_line() {
+    run_scenario("kube-errors.toml");
+}
+
+#[test]
+fn kube_forbidden_names_verb_and_resource() {
+    run_scenario("kube-forbidden.toml");
+}
+
+#[test]
 fn connectivity() {
     run_scenario("connectivity.toml");
 }

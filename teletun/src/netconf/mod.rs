@@ -4,6 +4,7 @@
 
 pub mod dns;
 pub mod netlink;
+pub mod overlap;
 pub mod record;
 pub mod resolved;
 pub mod sysctl;

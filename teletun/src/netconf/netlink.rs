@@ -111,6 +111,11 @@ impl Netlink {
         self.change_route(true, destination, index, TABLE_MAIN, None).await
     }
 
+    /// Removes the route to `destination` via interface `index` (main table).
+    pub async fn del_route(&self, destination: IpNet, index: u32) -> Result<()> {
+        self.change_route(false, destination, index, TABLE_MAIN, None).await
+    }
+
     /// Routes `destination` to interface `index` in `table`.
     pub async fn add_route_in(&self, destination: IpNet, index: u32, table: u32) -> Result<()> {
         self.change_route(true, destination, index, table, None).await

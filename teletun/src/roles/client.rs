@@ -1,6 +1,7 @@
 //! `teletun client`: connect to server-external, become the server-cluster pod
 //! on a local TUN device, and undo every change on the way out.
 
+use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
@@ -17,8 +18,10 @@ use crate::control::tls::{self, KeyMismatch};
 use crate::io::pump::{DataPlane, Direction};
 use crate::io::tun::Tun;
 use crate::keys::{Identity, PinnedKey};
+use crate::kube::{discovery, networks, Kube, KubeOptions};
 use crate::netconf::dns::DnsManager;
-use crate::netconf::netlink::Netlink;
+use crate::netconf::netlink::{Netlink, Route};
+use crate::netconf::overlap;
 use crate::netconf::record::Record;
 use crate::proto::control::{Hello, ServerGreeting};
 use crate::transport::dtls::{self, DtlsError, DtlsSession, Role, DTLS_OVERHEAD};
@@ -27,10 +30,24 @@ use crate::transport::link::DtlsLink;
 use super::cleanup;
 use super::guard::Guard;
 
+/// Where to find server-external through the Kubernetes API.
+#[derive(Clone, Debug)]
+pub struct KubeTarget {
+    /// kubeconfig, context, namespace.
+    pub options: KubeOptions,
+    /// The server-external pod's name.
+    pub pod: String,
+}
+
 /// Everything `teletun client` needs, already validated by the CLI.
 pub struct ClientConfig {
-    /// server-external's address (TCP and UDP, same port).
+    /// server-external's address (TCP and UDP, same port); an unspecified IP
+    /// means: ask Kubernetes (`kube`).
     pub server: SocketAddr,
+    /// The Kubernetes API: where server-external runs, and the cluster's networks.
+    pub kube: Option<KubeTarget>,
+    /// Route cluster networks even where they overlap existing routes.
+    pub allow_conflicting: bool,
     /// Our key.
     pub identity: Identity,
     /// Where our private key came from (for messages).
@@ -91,10 +108,49 @@ struct Changes {
     dns: Option<(DnsManager, u32)>,
 }
 
+/// The live view of the cluster's networks.
+struct ClusterView {
+    kube: Kube,
+    networks: tokio::sync::watch::Receiver<BTreeSet<IpNet>>,
+    watcher: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for ClusterView {
+    fn drop(&mut self) {
+        self.watcher.abort();
+    }
+}
+
 /// Runs the client until a signal or the server ends the session.
-pub async fn run(config: ClientConfig) -> Result<()> {
+pub async fn run(mut config: ClientConfig) -> Result<()> {
     // Undo what dead instances left before adding anything.
     cleanup::undo_dead_instances(false).await?;
+    // Everything the API can refuse is asked before this machine changes.
+    let cluster = match config.kube.clone() {
+        Some(target) => {
+            let kube = Kube::connect(&target.options).await?;
+            if config.server.ip().is_unspecified() {
+                let ip = discovery::server_address(&kube, &target.pod).await?;
+                info!(
+                    "server-external {}/{} runs on a node reachable at {ip}",
+                    kube.namespace, target.pod
+                );
+                config.server.set_ip(ip);
+            }
+            let (networks, watcher) = networks::watch(&kube).await?;
+            Some(ClusterView {
+                kube,
+                networks,
+                watcher,
+            })
+        }
+        None => None,
+    };
+    if config.server.ip().is_unspecified() {
+        bail!("no server to connect to: pass -pod=NAME (with a kubeconfig) or --server-address ADDR");
+    }
+    let keeper = RouteKeeper::new(&config, cluster.as_ref())?;
+    keeper.check_conflicts(cluster.as_ref()).await?;
     let mut signals = Signals::new()?;
     let mut changes = Changes {
         guard: Some(Guard::start()?),
@@ -103,7 +159,7 @@ pub async fn run(config: ClientConfig) -> Result<()> {
         dns: None,
     };
     // A signal during set-up drops `session` at its current step; `undo` follows.
-    let outcome = session(&config, &mut changes, &mut signals).await;
+    let outcome = session(&config, cluster.as_ref(), keeper, &mut changes, &mut signals).await;
     let undo = undo(&mut changes).await;
     let end = outcome?;
     undo?;
@@ -185,18 +241,39 @@ struct Tunnel {
     control: tokio_rustls::client::TlsStream<TcpStream>,
     link: DtlsLink,
     plane: DataPlane,
+    /// Keeps the cluster routes in step with the API.
+    routes: Option<tokio::task::JoinHandle<()>>,
 }
 
-async fn session(config: &ClientConfig, changes: &mut Changes, signals: &mut Signals) -> Result<End> {
+struct AbortOnDrop(Option<tokio::task::JoinHandle<()>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        if let Some(t) = &self.0 {
+            t.abort();
+        }
+    }
+}
+
+async fn session(
+    config: &ClientConfig,
+    cluster: Option<&ClusterView>,
+    keeper: RouteKeeper,
+    changes: &mut Changes,
+    signals: &mut Signals,
+) -> Result<End> {
     let Tunnel {
         mut control,
         link,
         mut plane,
+        routes,
     } = tokio::select! {
         biased;
         sig = signals.next() => return Ok(End::Signal(sig)),
-        t = establish(config, changes) => t?,
+        t = establish(config, cluster, keeper, changes) => t?,
     };
+    // Routes die with the TUN; the task that keeps them goes with the session.
+    let _routes = AbortOnDrop(routes);
     crate::crashpoint::reached("mid-traffic").await;
     let end = tokio::select! {
         biased;
@@ -229,7 +306,12 @@ async fn session(config: &ClientConfig, changes: &mut Changes, signals: &mut Sig
 }
 
 /// Connects, sets up DTLS, then configures this machine and starts the data plane.
-async fn establish(config: &ClientConfig, changes: &mut Changes) -> Result<Tunnel> {
+async fn establish(
+    config: &ClientConfig,
+    cluster: Option<&ClusterView>,
+    mut keeper: RouteKeeper,
+    changes: &mut Changes,
+) -> Result<Tunnel> {
     // 1. Control channel.
     let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(config.server))
         .await
@@ -297,7 +379,25 @@ async fn establish(config: &ClientConfig, changes: &mut Changes) -> Result<Tunne
     }
     changes.tun = Some(tun.clone());
     crate::crashpoint::reached("after-tun").await;
-    configure(config, &hello, &tun, changes).await?;
+    add_addresses(&hello, &tun).await?;
+    keeper.attach(tun.index()?, hello.addresses.iter().any(IpAddr::is_ipv6));
+    let initial = cluster.map(|c| c.networks.borrow().clone()).unwrap_or_default();
+    keeper.sync(&initial).await?;
+    crate::crashpoint::reached("after-routes").await;
+    let routes = cluster.map(|c| {
+        let mut networks = c.networks.clone();
+        tokio::spawn(async move {
+            while networks.changed().await.is_ok() {
+                let now = networks.borrow_and_update().clone();
+                if let Err(e) = keeper.sync(&now).await {
+                    warn!("{e:#}");
+                }
+            }
+        })
+    });
+    if !config.no_dns {
+        register_dns(&hello, &tun, changes).await?;
+    }
     let link = DtlsLink::new(session, udp, None);
     let mut plane = DataPlane::start(
         Direction {
@@ -316,10 +416,15 @@ async fn establish(config: &ClientConfig, changes: &mut Changes) -> Result<Tunne
     let beating = link.clone();
     plane.spawn_task("heartbeat", move |stop| beating.heartbeat(stop))?;
     info!("tunnel {} is up", tun.name());
-    Ok(Tunnel { control, link, plane })
+    Ok(Tunnel {
+        control,
+        link,
+        plane,
+        routes,
+    })
 }
 
-async fn configure(config: &ClientConfig, hello: &Hello, tun: &Tun, changes: &mut Changes) -> Result<()> {
+async fn add_addresses(hello: &Hello, tun: &Tun) -> Result<()> {
     let netlink = Netlink::connect()?;
     let index = tun.index()?;
     for &address in &hello.addresses {
@@ -327,31 +432,148 @@ async fn configure(config: &ClientConfig, hello: &Hello, tun: &Tun, changes: &mu
         netlink.add_address(index, address, prefix).await?;
     }
     crate::crashpoint::reached("after-addresses").await;
-    let has_v6 = hello.addresses.iter().any(IpAddr::is_ipv6);
-    for &route in &config.routes {
-        if route.addr().is_ipv6() && !has_v6 {
-            warn!("skipping IPv6 route {route}: the pod has no IPv6 address");
-            continue;
+    Ok(())
+}
+
+async fn register_dns(hello: &Hello, tun: &Tun, changes: &mut Changes) -> Result<()> {
+    let index = tun.index()?;
+    let manager = DnsManager::detect().await;
+    let record = changes.record.as_mut().expect("record exists once the TUN does");
+    record.dns_registered = true;
+    record.dns_via = manager.via();
+    record.save()?;
+    let manager = &changes.dns.insert((manager, index)).0;
+    manager.register(tun.name(), index, &hello.resolv_conf).await?;
+    info!("registered the cluster's DNS for {} with {}", tun.name(), manager.via());
+    crate::crashpoint::reached("after-dns").await;
+    Ok(())
+}
+
+/// The tunnel's routes: the `--route` networks plus the cluster's networks as
+/// the API shows them, never one that covers the API server or the tunnel's
+/// own endpoint, and none that overlaps an existing route unless allowed.
+struct RouteKeeper {
+    netlink: Netlink,
+    index: u32,
+    with_v6: bool,
+    fixed: BTreeSet<IpNet>,
+    never: Vec<IpAddr>,
+    allow_conflicting: bool,
+    installed: BTreeSet<IpNet>,
+    warned: BTreeSet<IpNet>,
+}
+
+impl RouteKeeper {
+    fn new(config: &ClientConfig, cluster: Option<&ClusterView>) -> Result<RouteKeeper> {
+        let mut never = vec![config.server.ip()];
+        if let Some(c) = cluster {
+            never.extend(c.kube.api_addresses.iter().copied());
         }
-        if route.contains(&config.server.ip()) {
+        for route in &config.routes {
+            if let Some(ip) = never.iter().find(|ip| route.contains(*ip)) {
+                bail!("route {route} contains {ip}, which must stay outside the tunnel (the tunnel endpoint or the Kubernetes API)");
+            }
+        }
+        if config.routes.is_empty() && cluster.is_none() {
+            warn!("no routes: pass --route CIDR, or -pod with a kubeconfig, to reach the cluster");
+        }
+        Ok(RouteKeeper {
+            netlink: Netlink::connect()?,
+            index: 0,
+            with_v6: false,
+            fixed: config.routes.iter().copied().collect(),
+            never,
+            allow_conflicting: config.allow_conflicting,
+            installed: BTreeSet::new(),
+            warned: BTreeSet::new(),
+        })
+    }
+
+    /// Refuses, before anything changes, networks that overlap existing routes.
+    async fn check_conflicts(&self, cluster: Option<&ClusterView>) -> Result<()> {
+        if self.allow_conflicting {
+            return Ok(());
+        }
+        let mut wanted = self.fixed.clone();
+        if let Some(c) = cluster {
+            wanted.extend(c.networks.borrow().iter().copied());
+        }
+        let wanted: Vec<IpNet> = wanted
+            .into_iter()
+            .filter(|n| self.outside_reason(n).is_none())
+            .collect();
+        let existing = self.existing_routes().await?;
+        if let Some((net, route)) = overlap::conflicts(&existing, &wanted, None).first() {
             bail!(
-                "route {route} contains the server address {}: routing it into the tunnel would cut the tunnel itself",
-                config.server.ip()
+                "the cluster network {net} overlaps this machine's route {} (another VPN or the LAN?): \
+                 refusing to route it; pass --allow-conflicting to route it anyway",
+                overlap::describe(route)
             );
         }
-        netlink.add_route(route, index).await?;
+        Ok(())
     }
-    crate::crashpoint::reached("after-routes").await;
-    if !config.no_dns {
-        let manager = DnsManager::detect().await;
-        let record = changes.record.as_mut().expect("record exists once the TUN does");
-        record.dns_registered = true;
-        record.dns_via = manager.via();
-        record.save()?;
-        let manager = &changes.dns.insert((manager, index)).0;
-        manager.register(tun.name(), index, &hello.resolv_conf).await?;
-        info!("registered the cluster's DNS for {} with {}", tun.name(), manager.via());
-        crate::crashpoint::reached("after-dns").await;
+
+    async fn existing_routes(&self) -> Result<Vec<Route>> {
+        let mut all = self.netlink.routes(false).await?;
+        all.extend(self.netlink.routes(true).await?);
+        Ok(all)
     }
-    Ok(())
+
+    /// Why `net` must not go into the tunnel, if it must not.
+    fn outside_reason(&self, net: &IpNet) -> Option<String> {
+        self.never
+            .iter()
+            .find(|ip| net.contains(*ip))
+            .map(|ip| format!("it contains {ip}, the tunnel endpoint or the Kubernetes API"))
+    }
+
+    fn attach(&mut self, index: u32, with_v6: bool) {
+        self.index = index;
+        self.with_v6 = with_v6;
+    }
+
+    /// Makes the tunnel's routes the fixed ones plus `cluster`.
+    async fn sync(&mut self, cluster: &BTreeSet<IpNet>) -> Result<()> {
+        let mut want = BTreeSet::new();
+        for net in self.fixed.iter().chain(cluster) {
+            let reason = match self.outside_reason(net) {
+                Some(r) => Some(r),
+                None if net.addr().is_ipv6() && !self.with_v6 => Some("the pod has no IPv6 address".into()),
+                None => None,
+            };
+            match reason {
+                Some(why) if self.warned.insert(*net) => warn!("not routing {net}: {why}"),
+                Some(_) => {}
+                None => {
+                    want.insert(*net);
+                }
+            }
+        }
+        let mut new: Vec<IpNet> = want.difference(&self.installed).copied().collect();
+        if !self.allow_conflicting && !new.is_empty() {
+            let existing = self.existing_routes().await?;
+            let conflicts = overlap::conflicts(&existing, &new, Some(self.index));
+            for (net, route) in &conflicts {
+                if self.warned.insert(*net) {
+                    warn!(
+                        "not routing {net}: it overlaps {} (another VPN or the LAN); --allow-conflicting routes it anyway",
+                        overlap::describe(route)
+                    );
+                }
+            }
+            new.retain(|n| !conflicts.iter().any(|(c, _)| c == n));
+        }
+        for net in new {
+            self.netlink.add_route(net, self.index).await?;
+            self.installed.insert(net);
+            info!("routing {net} into the tunnel");
+        }
+        let gone: Vec<IpNet> = self.installed.difference(&want).copied().collect();
+        for net in gone {
+            self.netlink.del_route(net, self.index).await?;
+            self.installed.remove(&net);
+            info!("no longer routing {net}");
+        }
+        Ok(())
+    }
 }
