@@ -102,6 +102,40 @@ pub struct Pod {
     pub ipv4: Ipv4Addr,
     /// Pod IPv6 address.
     pub ipv6: Ipv6Addr,
+    /// The node it runs on (1, 2, …).
+    pub node: u8,
+}
+
+/// A node: a namespace with `eth0` on the router's node bridge (its underlay
+/// address) and `br0` for its pods (its pod networks).
+#[derive(Clone, Debug)]
+pub struct NodeNet {
+    /// `node1`, `node2`, …
+    pub name: String,
+    /// Its namespace.
+    pub ns: Netns,
+    /// 1, 2, …
+    pub index: u8,
+}
+
+impl NodeNet {
+    /// Underlay IPv4 address (reachable from the laptop through the router).
+    pub fn ip(&self) -> Ipv4Addr {
+        Ipv4Addr::new(203, 0, 113, 10 + self.index)
+    }
+
+    /// Underlay IPv6 address (between nodes only).
+    pub fn ip6(&self) -> Ipv6Addr {
+        Ipv6Addr::new(0xfd00, 0x203, 0, 0, 0, 0, 0, u16::from(10 + self.index))
+    }
+
+    /// Pod networks: IPv4 and IPv6.
+    pub fn pod_cidrs(&self) -> [String; 2] {
+        [
+            format!("10.244.{}.0/24", self.index),
+            format!("fd00:10:244:{}::/64", self.index),
+        ]
+    }
 }
 
 /// A service: a cluster IP DNAT-ed to a pod port.
@@ -131,8 +165,10 @@ pub struct Cluster {
     pub laptop: Laptop,
     /// Between laptop and node.
     pub router: Netns,
-    /// The node (hostNetwork pods run here).
+    /// The node running server-external (hostNetwork) and server-cluster: node1.
     pub node: Netns,
+    /// All nodes, node1 first.
+    pub nodes: Vec<NodeNet>,
     /// The node's underlay address (what the client dials).
     pub node_ip: Ipv4Addr,
     /// Pods by role: `teletun` (server-cluster), `app`, `dns`.
@@ -204,25 +240,19 @@ impl Cluster {
         let router = mk("router")?;
         let node = mk("node1")?;
 
-        // Underlay: laptop 198.51.100.2 ─ .1 router 203.0.113.1 ─ node 203.0.113.11.
+        // Underlay: laptop 198.51.100.2 ─ .1 router 203.0.113.1 ─ bridge "nodes" ─ node K at 203.0.113.(10+K).
+        // Nodes reach each other's pod networks across that bridge; the router
+        // itself never routes pod networks, so the laptop reaches them only
+        // through the tunnel.
         let node_ip = Ipv4Addr::new(203, 0, 113, 11);
         netns::veth(&laptop_ns, "eth0", &router, "to-laptop")?;
-        netns::veth(&router, "to-node1", &node, "eth0")?;
         laptop_ns.ip(&["addr", "add", "198.51.100.2/24", "dev", "eth0"])?;
         laptop_ns.ip(&["route", "add", "default", "via", "198.51.100.1"])?;
         router.ip(&["addr", "add", "198.51.100.1/24", "dev", "to-laptop"])?;
-        router.ip(&["addr", "add", "203.0.113.1/24", "dev", "to-node1"])?;
+        router.ip(&["link", "add", "nodes", "type", "bridge"])?;
+        router.ip(&["addr", "add", "203.0.113.1/24", "dev", "nodes"])?;
+        router.ip(&["link", "set", "nodes", "up"])?;
         router.sysctl("net.ipv4.ip_forward", "1")?;
-        node.ip(&["addr", "add", "203.0.113.11/24", "dev", "eth0"])?;
-        node.ip(&["route", "add", "default", "via", "203.0.113.1"])?;
-
-        // The node's pod network: a bridge, the pods on it, forwarding on.
-        node.ip(&["link", "add", "br0", "type", "bridge"])?;
-        node.ip(&["addr", "add", "10.244.1.1/24", "dev", "br0"])?;
-        node.ip(&["addr", "add", "fd00:10:244:1::1/64", "dev", "br0", "nodad"])?;
-        node.ip(&["link", "set", "br0", "up"])?;
-        node.sysctl("net.ipv4.ip_forward", "1")?;
-        node.sysctl("net.ipv6.conf.all.forwarding", "1")?;
         let services = vec![
             Service {
                 name: "web".into(),
@@ -243,16 +273,14 @@ impl Cluster {
                 udp: true,
             },
         ];
-        // Bridged replies must pass conntrack to be un-NATed (the service hairpin).
-        node.sysctl("net.bridge.bridge-nf-call-iptables", "1")
-            .context("bridged traffic must pass netfilter for the service hairpin (br_netfilter)")?;
 
         let laptop = Laptop::create(laptop_ns, dir, dns_variant)?;
         let mut cluster = Cluster {
             dir: dir.to_owned(),
             laptop,
             router,
-            node,
+            node: node.clone(),
+            nodes: Vec::new(),
             node_ip,
             pods: Vec::new(),
             services,
@@ -265,8 +293,12 @@ impl Cluster {
             torn_down: false,
         };
         created.clear(); // the cluster owns them now
+        cluster.setup_node(node, 1)?;
+        for k in 2..=topology.nodes {
+            cluster.add_node_numbered(k)?;
+        }
         for (name, host) in [("teletun", 5u8), ("app", 6), ("dns", 4)] {
-            cluster.add_pod_at(name, host)?;
+            cluster.add_pod_at(name, 1, host)?;
         }
         cluster.start_app("app")?;
         cluster.sync_services()?;
@@ -300,37 +332,123 @@ impl Cluster {
         format!("nameserver 10.96.0.10\nsearch default.svc.{DOMAIN} svc.{DOMAIN} {DOMAIN}\noptions ndots:5\n")
     }
 
-    /// Creates pod `name` with host number `host` on node1's bridge.
-    fn add_pod_at(&mut self, name: &str, host: u8) -> Result<()> {
+    /// The run's namespace-name prefix.
+    fn prefix(&self) -> String {
+        self.laptop.ns.name.trim_end_matches("-laptop").to_owned()
+    }
+
+    /// Wires node `k`'s namespace: underlay on the router's bridge, a pod
+    /// bridge, forwarding, and routes to and from every other node's pods.
+    fn setup_node(&mut self, ns: Netns, k: u8) -> Result<()> {
+        let n = NodeNet {
+            name: format!("node{k}"),
+            ns,
+            index: k,
+        };
+        // Owned by the cluster from here on, so teardown removes it even if set-up fails.
+        self.nodes.push(n.clone());
+        let uplink = format!("to-{}", n.name);
+        netns::veth(&self.router, &uplink, &n.ns, "eth0")?;
+        self.router.ip(&["link", "set", &uplink, "master", "nodes"])?;
+        n.ns.ip(&["addr", "add", &format!("{}/24", n.ip()), "dev", "eth0"])?;
+        n.ns.ip(&["addr", "add", &format!("{}/64", n.ip6()), "dev", "eth0", "nodad"])?;
+        n.ns.ip(&["route", "add", "default", "via", "203.0.113.1"])?;
+        n.ns.ip(&["link", "add", "br0", "type", "bridge"])?;
+        n.ns.ip(&["addr", "add", &format!("10.244.{k}.1/24"), "dev", "br0"])?;
+        n.ns.ip(&["addr", "add", &format!("fd00:10:244:{k}::1/64"), "dev", "br0", "nodad"])?;
+        n.ns.ip(&["link", "set", "br0", "up"])?;
+        n.ns.sysctl("net.ipv4.ip_forward", "1")?;
+        n.ns.sysctl("net.ipv6.conf.all.forwarding", "1")?;
+        // Bridged replies must pass conntrack to be un-NATed (the service hairpin).
+        n.ns.sysctl("net.bridge.bridge-nf-call-iptables", "1")
+            .context("bridged traffic must pass netfilter for the service hairpin (br_netfilter)")?;
+        for other in self.nodes.iter().filter(|o| o.index != k) {
+            let [v4, v6] = other.pod_cidrs();
+            n.ns.ip(&["route", "add", &v4, "via", &other.ip().to_string()])?;
+            n.ns.ip(&["-6", "route", "add", &v6, "via", &other.ip6().to_string()])?;
+            let [mine4, mine6] = n.pod_cidrs();
+            other.ns.ip(&["route", "add", &mine4, "via", &n.ip().to_string()])?;
+            other
+                .ns
+                .ip(&["-6", "route", "add", &mine6, "via", &n.ip6().to_string()])?;
+        }
+        Ok(())
+    }
+
+    fn add_node_numbered(&mut self, k: u8) -> Result<()> {
+        let ns = Netns::create(&format!("{}-node{k}", self.prefix()))?;
+        self.setup_node(ns, k)
+    }
+
+    /// Adds the next node, with its pod networks, to the cluster (and the API).
+    pub fn add_node(&mut self) -> Result<String> {
+        let k = self.nodes.iter().map(|n| n.index).max().unwrap_or(0) + 1;
+        self.add_node_numbered(k)?;
+        self.sync_services()?;
+        self.publish_node(k)?;
+        let name = format!("node{k}");
+        self.changed_at
+            .insert(format!("node:{name}"), std::time::Instant::now());
+        Ok(name)
+    }
+
+    fn node_net(&self, index: u8) -> Result<&NodeNet> {
+        self.nodes
+            .iter()
+            .find(|n| n.index == index)
+            .with_context(|| format!("no node{index}"))
+    }
+
+    /// Creates pod `name` with host number `host` on node `k`'s bridge.
+    fn add_pod_at(&mut self, name: &str, k: u8, host: u8) -> Result<()> {
         if self.pods.iter().any(|p| p.name == name) {
             bail!("pod {name:?} exists already");
         }
-        let prefix = self.laptop.ns.name.trim_end_matches("-laptop").to_owned();
+        let node = self.node_net(k)?.ns.clone();
         let pod = Pod {
             name: name.into(),
-            ns: Netns::create(&format!("{prefix}-pod-{name}"))?,
-            ipv4: Ipv4Addr::new(10, 244, 1, host),
-            ipv6: Ipv6Addr::new(0xfd00, 0x10, 0x244, 1, 0, 0, 0, u16::from(host)),
+            ns: Netns::create(&format!("{}-pod-{name}", self.prefix()))?,
+            ipv4: Ipv4Addr::new(10, 244, k, host),
+            ipv6: Ipv6Addr::new(0xfd00, 0x10, 0x244, u16::from(k), 0, 0, 0, u16::from(host)),
+            node: k,
         };
         // Owned by the cluster from here on, so teardown removes it even if set-up fails.
         self.pods.push(pod.clone());
         let host_side = format!("v-{name}");
-        netns::veth(&pod.ns, "eth0", &self.node, &host_side)?;
-        self.node.ip(&["link", "set", &host_side, "master", "br0"])?;
+        netns::veth(&pod.ns, "eth0", &node, &host_side)?;
+        node.ip(&["link", "set", &host_side, "master", "br0"])?;
         pod.ns
             .ip(&["addr", "add", &format!("{}/24", pod.ipv4), "dev", "eth0"])?;
         pod.ns
             .ip(&["addr", "add", &format!("{}/64", pod.ipv6), "dev", "eth0", "nodad"])?;
-        pod.ns.ip(&["route", "add", "default", "via", "10.244.1.1"])?;
         pod.ns
-            .ip(&["-6", "route", "add", "default", "via", "fd00:10:244:1::1"])?;
+            .ip(&["route", "add", "default", "via", &format!("10.244.{k}.1")])?;
+        pod.ns
+            .ip(&["-6", "route", "add", "default", "via", &format!("fd00:10:244:{k}::1")])?;
         Ok(())
     }
 
-    /// Adds a pod running the app agent (echo, HTTP, blobs) at the next free address.
-    pub fn add_app_pod(&mut self, name: &str) -> Result<()> {
-        let host = self.pods.iter().map(|p| p.ipv4.octets()[3]).max().unwrap_or(9).max(9) + 1;
-        self.add_pod_at(name, host)?;
+    /// Adds a pod running the app agent (echo, HTTP, blobs) at the next free
+    /// address on `node` (`node1` when not given).
+    pub fn add_app_pod(&mut self, name: &str, node: Option<&str>) -> Result<()> {
+        let k = match node {
+            None => 1,
+            Some(n) => {
+                let k = n.strip_prefix("node").and_then(|i| i.parse::<u8>().ok());
+                k.filter(|k| self.nodes.iter().any(|n| n.index == *k))
+                    .with_context(|| format!("no node {n:?}"))?
+            }
+        };
+        let host = self
+            .pods
+            .iter()
+            .filter(|p| p.node == k)
+            .map(|p| p.ipv4.octets()[3])
+            .max()
+            .unwrap_or(9)
+            .max(9)
+            + 1;
+        self.add_pod_at(name, k, host)?;
         self.start_app(name)?;
         self.sync_dns()?;
         self.publish_pod(name)?;
@@ -405,7 +523,7 @@ impl Cluster {
         self.sync_dns()
     }
 
-    /// Rewrites kube-proxy's DNAT table in the node from the service list.
+    /// Rewrites kube-proxy's DNAT table in every node from the service list.
     fn sync_services(&self) -> Result<()> {
         let mut rules = String::new();
         for s in &self.services {
@@ -424,10 +542,11 @@ impl Cluster {
         );
         let file = self.dir.join("kube-proxy.nft");
         std::fs::write(&file, table)?;
-        self.node
-            .run("nft", &["-f", &file.to_string_lossy()])
-            .context("cannot install service DNAT rules (is nftables installed?)")
-            .map(|_| ())
+        for n in &self.nodes {
+            n.ns.run("nft", &["-f", &file.to_string_lossy()])
+                .context("cannot install service DNAT rules (is nftables installed?)")?;
+        }
+        Ok(())
     }
 
     /// The cluster's DNS records, as a hosts file dnsmasq reads.
@@ -683,7 +802,9 @@ impl Cluster {
             },
         )?;
         self.api = Some(api);
-        self.publish_node()?;
+        for k in self.nodes.iter().map(|n| n.index).collect::<Vec<_>>() {
+            self.publish_node(k)?;
+        }
         if self.topology.service_cidrs {
             let cidr = k8s::ServiceCIDR {
                 metadata: meta("kubernetes", None),
@@ -771,14 +892,12 @@ impl Cluster {
             .context("this cluster has no Kubernetes API ([topology] kubernetes = true)")
     }
 
-    fn publish_node(&self) -> Result<()> {
+    fn publish_node(&self, k: u8) -> Result<()> {
         let Some(api) = &self.api else { return Ok(()) };
-        let cidrs = self
-            .topology
-            .node_pod_cidrs
-            .then(|| vec!["10.244.1.0/24".to_owned(), "fd00:10:244:1::/64".to_owned()]);
+        let n = self.node_net(k)?;
+        let cidrs = self.topology.node_pod_cidrs.then(|| n.pod_cidrs().to_vec());
         let node = k8s::Node {
-            metadata: meta("node1", None),
+            metadata: meta(&n.name, None),
             spec: Some(k8s::NodeSpec {
                 pod_cidr: cidrs.as_ref().map(|c| c[0].clone()),
                 pod_cidrs: cidrs,
@@ -788,15 +907,15 @@ impl Cluster {
                 addresses: Some(vec![
                     k8s::NodeAddress {
                         type_: "InternalIP".into(),
-                        address: "172.31.0.11".into(),
+                        address: format!("172.31.0.{}", 10 + k),
                     },
                     k8s::NodeAddress {
                         type_: "ExternalIP".into(),
-                        address: self.node_ip.to_string(),
+                        address: n.ip().to_string(),
                     },
                     k8s::NodeAddress {
                         type_: "Hostname".into(),
-                        address: "node1".into(),
+                        address: n.name.clone(),
                     },
                 ]),
                 ..Default::default()
@@ -808,10 +927,11 @@ impl Cluster {
     fn publish_pod(&self, name: &str) -> Result<()> {
         let Some(api) = &self.api else { return Ok(()) };
         let p = self.pod(name)?;
+        let node = self.node_net(p.node)?;
         let pod = k8s::Pod {
             metadata: meta(name, Some(pod_namespace(name))),
             spec: Some(k8s::PodSpec {
-                node_name: Some("node1".into()),
+                node_name: Some(node.name.clone()),
                 ..Default::default()
             }),
             status: Some(k8s::PodStatus {
@@ -863,6 +983,18 @@ impl Cluster {
 
     /// Resolves a target: `POD` (its IPv4), `POD/ipv6`, `service:NAME`.
     pub fn address(&self, target: &str, ipv6: bool) -> Result<IpAddr> {
+        if let Some(name) = target.strip_prefix("node:") {
+            let n = self
+                .nodes
+                .iter()
+                .find(|n| n.name == name)
+                .with_context(|| format!("no node {name:?}"))?;
+            return Ok(if ipv6 {
+                format!("fd00:10:244:{}::1", n.index).parse::<Ipv6Addr>()?.into()
+            } else {
+                Ipv4Addr::new(10, 244, n.index, 1).into()
+            });
+        }
         if let Some(svc) = target.strip_prefix("service:") {
             if ipv6 {
                 bail!("services here are IPv4-only");
@@ -895,7 +1027,7 @@ impl Cluster {
                 );
             }
             self.router.run("tc", &["qdisc", "del", "dev", "lo", "root"])?;
-            for dev in ["to-laptop", "to-node1"] {
+            for dev in ["to-laptop", "nodes"] {
                 let mut args = vec![
                     "qdisc".to_owned(),
                     "replace".into(),
@@ -928,7 +1060,7 @@ impl Cluster {
             p.wait_for_log("impairing", Duration::from_secs(10))?;
             self.processes.push(p);
             // Everything the router forwards takes a detour through imp0 and back.
-            for (pref, iif) in [("100", "to-laptop"), ("101", "to-node1")] {
+            for (pref, iif) in [("100", "to-laptop"), ("101", "nodes")] {
                 self.router
                     .ip(&["rule", "add", "pref", pref, "iif", iif, "lookup", "100"])?;
             }
@@ -938,7 +1070,7 @@ impl Cluster {
             self.router.sysctl("net.ipv4.conf.imp0.rp_filter", "0")?;
         }
         if imp.rate_mbit > 0.0 {
-            for dev in ["to-laptop", "to-node1"] {
+            for dev in ["to-laptop", "nodes"] {
                 let rate = format!("{}mbit", imp.rate_mbit);
                 self.router.run(
                     "tc",
@@ -960,7 +1092,7 @@ impl Cluster {
                 let _ = self.router.ip(&["rule", "del", "pref", pref]);
             }
         }
-        for dev in ["to-laptop", "to-node1"] {
+        for dev in ["to-laptop", "nodes"] {
             let _ = self.router.run("tc", &["qdisc", "del", "dev", dev, "root"]);
         }
     }
@@ -982,6 +1114,9 @@ impl Cluster {
         self.laptop.teardown();
         for pod in &self.pods {
             pod.ns.delete();
+        }
+        for n in &self.nodes {
+            n.ns.delete();
         }
         self.node.delete();
         self.router.delete();

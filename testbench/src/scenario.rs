@@ -54,6 +54,13 @@ pub struct Topology {
     /// Resources the API answers with 403 Forbidden (`pods`, `nodes`, …).
     #[serde(default)]
     pub forbid: Vec<String>,
+    /// How many nodes (node1 runs the servers).
+    #[serde(default = "one_node")]
+    pub nodes: u8,
+}
+
+fn one_node() -> u8 {
+    1
 }
 
 fn yes() -> bool {
@@ -72,6 +79,7 @@ impl Default for Topology {
             node_pod_cidrs: true,
             service_cidrs: true,
             forbid: Vec::new(),
+            nodes: 1,
         }
     }
 }
@@ -191,7 +199,11 @@ pub enum Step {
     AddPod {
         /// Its name.
         name: String,
+        /// Its node (`node1` by default).
+        node: Option<String>,
     },
+    /// Add the next node (`nodeN`) with its pod networks.
+    AddNode,
     /// Remove a pod.
     RemovePod {
         /// Its name.
@@ -416,7 +428,9 @@ impl Step {
             Step::UdpEcho { to, ipv6 } => format!("UDP echo {to}{}", fam(ipv6)),
             Step::Http { to, expect_failure } => format!("HTTP {to}{}", fails(expect_failure)),
             Step::Resolve { name, expect } => format!("resolve {name} → {expect}"),
-            Step::AddPod { name } => format!("add pod {name}"),
+            Step::AddPod { name, node: None } => format!("add pod {name}"),
+            Step::AddPod { name, node: Some(n) } => format!("add pod {name} on {n}"),
+            Step::AddNode => "add a node".into(),
             Step::RemovePod { name } => format!("remove pod {name}"),
             Step::AddService { name, pod, .. } => format!("add service {name} → {pod}"),
             Step::RemoveService { name } => format!("remove service {name}"),
@@ -750,7 +764,12 @@ impl Run<'_> {
                     Err(_) => Ok(()),
                 }
             }
-            Step::AddPod { name } => self.cluster.add_app_pod(name),
+            Step::AddPod { name, node } => self.cluster.add_app_pod(name, node.as_deref()),
+            Step::AddNode => {
+                let name = self.cluster.add_node()?;
+                self.detail = Some(format!("added {name}"));
+                Ok(())
+            }
             Step::RemovePod { name } => self.cluster.remove_pod(name),
             Step::AddService {
                 name,

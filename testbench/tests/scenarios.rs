@@ -67,6 +67,11 @@ fn kube_watch_routes_changes_live() {
 }
 
 #[test]
+fn multi_node_cluster() {
+    run_scenario("multi-node.toml");
+}
+
+#[test]
 fn kube_errors_are_one_clear_line() {
     run_scenario("kube-errors.toml");
 }

@@ -150,7 +150,6 @@ pub async fn run(mut config: ClientConfig) -> Result<()> {
         bail!("no server to connect to: pass -pod=NAME (with a kubeconfig) or --server-address ADDR");
     }
     let keeper = RouteKeeper::new(&config, cluster.as_ref())?;
-    keeper.check_conflicts(cluster.as_ref()).await?;
     let mut signals = Signals::new()?;
     let mut changes = Changes {
         guard: Some(Guard::start()?),
@@ -341,6 +340,8 @@ async fn establish(
         ServerGreeting::Refused(why) => bail!("the server at {} refused the session: {why}", config.server),
     };
     info!("connected to {}: {hello}", config.server);
+    // The server's answer first (it may be busy), then whether our routes would collide.
+    keeper.check_conflicts(cluster).await?;
 
     // 2. Data plane handshake, before touching this machine's configuration.
     let bind: SocketAddr = if config.server.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }.parse()?;

@@ -19,6 +19,7 @@ use crate::control::channel;
 use crate::control::tls::{self, KeyMismatch};
 use crate::io::pump::{DataPlane, Direction};
 use crate::io::seqpacket::SeqPacket;
+use crate::io::sys::StopSignal;
 use crate::keys::{Identity, PinnedKey};
 use crate::proto::control::{
     encode_refusal, Hello, HelloDecoder, ServerGreeting, MAX_ADDRESSES_LEN, MAX_RESOLV_CONF_LEN,
@@ -232,11 +233,21 @@ async fn serve_session(
         Some(peer),
     )?;
     let fd = shared.udp.as_raw_fd();
-    let (session, result) = tokio::task::spawn_blocking(move || {
-        let r = session.handshake(fd, Some(peer), None);
+    // A client that leaves during the handshake frees the slot at once.
+    let stop = Arc::new(StopSignal::new()?);
+    let stop_handshake = stop.clone();
+    let mut handshake = tokio::task::spawn_blocking(move || {
+        let r = session.handshake(fd, Some(peer), Some(&stop_handshake));
         (session, r)
-    })
-    .await?;
+    });
+    let (session, result) = tokio::select! {
+        done = &mut handshake => done?,
+        _ = channel::wait_closed(control) => {
+            stop.stop();
+            let _ = handshake.await;
+            return Err(anyhow!("the client left before the DTLS handshake finished"));
+        }
+    };
     let udp_peer = match result {
         Ok(Some(p)) => p,
         Ok(None) => return Err(anyhow!("DTLS handshake ended without a peer address")),
