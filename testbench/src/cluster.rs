@@ -13,6 +13,7 @@ use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
@@ -23,6 +24,14 @@ use crate::kubeapi::{self, ApiOptions, ApiServer};
 use crate::laptop::{DnsVariant, Laptop};
 use crate::netns::{self, Netns};
 use crate::scenario::Topology;
+
+/// Where a cluster's laptop comes from.
+enum LaptopSource {
+    /// A new laptop with this DNS manager.
+    New(DnsVariant),
+    /// The laptop of a cluster built before.
+    Shared(Arc<Laptop>),
+}
 
 /// How to start a client.
 pub struct ClientOptions<'a> {
@@ -82,14 +91,94 @@ mod k8s {
 /// What server-external logs when it links up with server-cluster.
 const LINKED: &str = "server-cluster connected";
 
+/// The address plan of one cluster. A second cluster on the same laptop gets
+/// index 1 and different networks and domain throughout.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Plan {
+    /// 0 for the first cluster ("a"), 1 for the second ("b"), …
+    pub index: u8,
+}
+
+impl Plan {
+    /// The cluster's name in scenario files: a, b, …
+    pub fn name(self) -> String {
+        char::from(b'a' + self.index).to_string()
+    }
+    /// Pod `host` on node `k`, IPv4.
+    pub fn pod_v4(self, k: u8, host: u8) -> Ipv4Addr {
+        Ipv4Addr::new(10, 244 + self.index, k, host)
+    }
+    /// Pod `host` on node `k`, IPv6.
+    pub fn pod_v6(self, k: u8, host: u8) -> Ipv6Addr {
+        Ipv6Addr::new(
+            0xfd00,
+            0x10,
+            0x244 + u16::from(self.index),
+            u16::from(k),
+            0,
+            0,
+            0,
+            u16::from(host),
+        )
+    }
+    /// Node `k`'s pod networks.
+    pub fn pod_cidrs(self, k: u8) -> [String; 2] {
+        [
+            format!("10.{}.{k}.0/24", 244 + self.index),
+            format!("fd00:10:{:x}:{k}::/64", 0x244 + u16::from(self.index)),
+        ]
+    }
+    /// Service cluster IP `host`.
+    pub fn service_ip(self, host: u8) -> Ipv4Addr {
+        Ipv4Addr::new(10, 96 + self.index, 0, host)
+    }
+    /// The service network.
+    pub fn service_cidr(self) -> String {
+        format!("10.{}.0.0/16", 96 + self.index)
+    }
+    /// Node `k`'s underlay address.
+    pub fn node_ip(self, k: u8) -> Ipv4Addr {
+        Ipv4Addr::new(203, 0, 113 + self.index, 10 + k)
+    }
+    /// Node `k`'s IPv6 address between nodes.
+    pub fn node_ip6(self, k: u8) -> Ipv6Addr {
+        Ipv6Addr::new(0xfd00, 0x203 + u16::from(self.index), 0, 0, 0, 0, 0, u16::from(10 + k))
+    }
+    /// The router's address on the node bridge.
+    pub fn router_nodes_ip(self) -> Ipv4Addr {
+        Ipv4Addr::new(203, 0, 113 + self.index, 1)
+    }
+    /// The laptop's and the router's addresses on their link.
+    pub fn laptop_link(self) -> (Ipv4Addr, Ipv4Addr) {
+        (
+            Ipv4Addr::new(198, 51, 100 + self.index, 2),
+            Ipv4Addr::new(198, 51, 100 + self.index, 1),
+        )
+    }
+    /// The cluster's DNS domain.
+    pub fn domain(self) -> String {
+        if self.index == 0 {
+            "cluster.local".into()
+        } else {
+            format!("cluster-{}.local", self.name())
+        }
+    }
+    /// What a client routes without a Kubernetes API.
+    pub fn static_routes(self) -> [String; 3] {
+        [
+            format!("10.{}.0.0/16", 244 + self.index),
+            self.service_cidr(),
+            format!("fd00:10:{:x}::/48", 0x244 + u16::from(self.index)),
+        ]
+    }
+}
+
 /// The port server-external listens on.
 pub const SERVER_PORT: u16 = 8443;
 /// Echo ports on the app pod.
 pub const ECHO_PORT: u16 = 7007;
 /// HTTP port on the app pod.
 pub const HTTP_PORT: u16 = 8080;
-/// The cluster's DNS domain.
-pub const DOMAIN: &str = "cluster.local";
 
 /// A pod: a namespace with `eth0` on its node's bridge.
 #[derive(Clone, Debug)]
@@ -116,25 +205,29 @@ pub struct NodeNet {
     pub ns: Netns,
     /// 1, 2, …
     pub index: u8,
+    /// Its cluster's address plan.
+    pub plan: Plan,
 }
 
 impl NodeNet {
     /// Underlay IPv4 address (reachable from the laptop through the router).
     pub fn ip(&self) -> Ipv4Addr {
-        Ipv4Addr::new(203, 0, 113, 10 + self.index)
+        self.plan.node_ip(self.index)
     }
 
     /// Underlay IPv6 address (between nodes only).
     pub fn ip6(&self) -> Ipv6Addr {
-        Ipv6Addr::new(0xfd00, 0x203, 0, 0, 0, 0, 0, u16::from(10 + self.index))
+        self.plan.node_ip6(self.index)
     }
 
     /// Pod networks: IPv4 and IPv6.
     pub fn pod_cidrs(&self) -> [String; 2] {
-        [
-            format!("10.244.{}.0/24", self.index),
-            format!("fd00:10:244:{}::/64", self.index),
-        ]
+        self.plan.pod_cidrs(self.index)
+    }
+
+    /// The node's own address in each pod network (the pods' gateway).
+    pub fn gateways(&self) -> (Ipv4Addr, Ipv6Addr) {
+        (self.plan.pod_v4(self.index, 1), self.plan.pod_v6(self.index, 1))
     }
 }
 
@@ -159,10 +252,14 @@ pub struct Service {
 
 /// Addresses of the built cluster.
 pub struct Cluster {
+    /// Unique id of this run: the prefix of its namespaces' names.
+    pub id: String,
     /// Scratch directory: keys, logs, configs.
     pub dir: PathBuf,
-    /// The developer's machine.
-    pub laptop: Laptop,
+    /// The developer's machine (shared when several clusters are built for one laptop).
+    pub laptop: Arc<Laptop>,
+    /// Its address plan.
+    pub plan: Plan,
     /// Between laptop and node.
     pub router: Netns,
     /// The node running server-external (hostNetwork) and server-cluster: node1.
@@ -190,9 +287,6 @@ pub struct Cluster {
     torn_down: bool,
 }
 
-/// Networks the client routes into the tunnel.
-pub const CLUSTER_ROUTES: &[&str] = &["10.244.0.0/16", "10.96.0.0/16", "fd00:10:244::/48"];
-
 fn unique_id() -> String {
     let mut b = [0u8; 3];
     if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
@@ -205,6 +299,29 @@ impl Cluster {
     /// Builds the whole cluster and starts its pods' daemons (not the teletun roles).
     pub fn build(teletun: &Path, work: &Path, topology: &Topology) -> Result<Cluster> {
         let dns = DnsVariant::parse(&topology.resolvconf)?;
+        Self::build_with(teletun, work, topology, Plan { index: 0 }, LaptopSource::New(dns))
+    }
+
+    /// Builds another cluster, with its own networks and domain, for the laptop
+    /// of `first`, which reaches it through an uplink of its own.
+    pub fn attach(first: &Cluster, work: &Path, topology: &Topology, index: u8) -> Result<Cluster> {
+        let plan = Plan { index };
+        Self::build_with(
+            &first.teletun,
+            work,
+            topology,
+            plan,
+            LaptopSource::Shared(first.laptop.clone()),
+        )
+    }
+
+    fn build_with(
+        teletun: &Path,
+        work: &Path,
+        topology: &Topology,
+        plan: Plan,
+        laptop: LaptopSource,
+    ) -> Result<Cluster> {
         for r in &topology.forbid {
             if !["nodes", "pods", "services", "servicecidrs"].contains(&r.as_str()) {
                 bail!("forbid: unknown resource {r:?} (nodes, pods, services, servicecidrs)");
@@ -214,7 +331,7 @@ impl Cluster {
         let dir = work.join(&id);
         std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
         let mut created: Vec<Netns> = Vec::new();
-        let result = Self::build_in(&id, &dir, teletun, dns, topology, &mut created);
+        let result = Self::build_in(&id, &dir, teletun, plan, laptop, topology, &mut created);
         if result.is_err() {
             for ns in created.iter().rev() {
                 ns.delete();
@@ -227,7 +344,8 @@ impl Cluster {
         id: &str,
         dir: &Path,
         teletun: &Path,
-        dns_variant: DnsVariant,
+        plan: Plan,
+        laptop: LaptopSource,
         topology: &Topology,
         created: &mut Vec<Netns>,
     ) -> Result<Cluster> {
@@ -236,28 +354,40 @@ impl Cluster {
             created.push(ns.clone());
             Ok(ns)
         };
-        let laptop_ns = mk("laptop")?;
+        let laptop_ns = match &laptop {
+            LaptopSource::New(_) => mk("laptop")?,
+            LaptopSource::Shared(l) => l.ns.clone(),
+        };
         let router = mk("router")?;
         let node = mk("node1")?;
 
-        // Underlay: laptop 198.51.100.2 ─ .1 router 203.0.113.1 ─ bridge "nodes" ─ node K at 203.0.113.(10+K).
+        // Underlay: laptop 198.51.100.2 ─ .1 router 203.0.113.1 ─ bridge "nodes" ─ node K at 203.0.113.(10+K)
+        // (a second cluster: 198.51.101.x, 203.0.114.x, on the laptop's eth1).
         // Nodes reach each other's pod networks across that bridge; the router
         // itself never routes pod networks, so the laptop reaches them only
         // through the tunnel.
-        let node_ip = Ipv4Addr::new(203, 0, 113, 11);
-        netns::veth(&laptop_ns, "eth0", &router, "to-laptop")?;
-        laptop_ns.ip(&["addr", "add", "198.51.100.2/24", "dev", "eth0"])?;
-        laptop_ns.ip(&["route", "add", "default", "via", "198.51.100.1"])?;
-        router.ip(&["addr", "add", "198.51.100.1/24", "dev", "to-laptop"])?;
+        let node_ip = plan.node_ip(1);
+        let (laptop_ip, router_ip) = plan.laptop_link();
+        let uplink = format!("eth{}", plan.index);
+        netns::veth(&laptop_ns, &uplink, &router, "to-laptop")?;
+        laptop_ns.ip(&["addr", "add", &format!("{laptop_ip}/24"), "dev", &uplink])?;
+        if plan.index == 0 {
+            laptop_ns.ip(&["route", "add", "default", "via", &router_ip.to_string()])?;
+        } else {
+            let [a, b, c, _] = plan.router_nodes_ip().octets();
+            let nodes_net = format!("{a}.{b}.{c}.0/24");
+            laptop_ns.ip(&["route", "add", &nodes_net, "via", &router_ip.to_string()])?;
+        }
+        router.ip(&["addr", "add", &format!("{router_ip}/24"), "dev", "to-laptop"])?;
         router.ip(&["link", "add", "nodes", "type", "bridge"])?;
-        router.ip(&["addr", "add", "203.0.113.1/24", "dev", "nodes"])?;
+        router.ip(&["addr", "add", &format!("{}/24", plan.router_nodes_ip()), "dev", "nodes"])?;
         router.ip(&["link", "set", "nodes", "up"])?;
         router.sysctl("net.ipv4.ip_forward", "1")?;
         let services = vec![
             Service {
                 name: "web".into(),
                 namespace: "default".into(),
-                ip: Ipv4Addr::new(10, 96, 0, 20),
+                ip: plan.service_ip(20),
                 pod: "app".into(),
                 port: 80,
                 target_port: HTTP_PORT,
@@ -266,7 +396,7 @@ impl Cluster {
             Service {
                 name: "kube-dns".into(),
                 namespace: "kube-system".into(),
-                ip: Ipv4Addr::new(10, 96, 0, 10),
+                ip: plan.service_ip(10),
                 pod: "dns".into(),
                 port: 53,
                 target_port: 53,
@@ -274,10 +404,15 @@ impl Cluster {
             },
         ];
 
-        let laptop = Laptop::create(laptop_ns, dir, dns_variant)?;
+        let laptop = match laptop {
+            LaptopSource::New(dns) => Arc::new(Laptop::create(laptop_ns, dir, dns)?),
+            LaptopSource::Shared(l) => l,
+        };
         let mut cluster = Cluster {
+            id: id.to_owned(),
             dir: dir.to_owned(),
             laptop,
+            plan,
             router,
             node: node.clone(),
             nodes: Vec::new(),
@@ -329,12 +464,13 @@ impl Cluster {
 
     /// The resolv.conf a pod of this cluster gets.
     pub fn pod_resolv_conf(&self) -> String {
-        format!("nameserver 10.96.0.10\nsearch default.svc.{DOMAIN} svc.{DOMAIN} {DOMAIN}\noptions ndots:5\n")
+        let (dns, d) = (self.plan.service_ip(10), self.plan.domain());
+        format!("nameserver {dns}\nsearch default.svc.{d} svc.{d} {d}\noptions ndots:5\n")
     }
 
-    /// The run's namespace-name prefix.
+    /// The cluster's namespace-name prefix.
     fn prefix(&self) -> String {
-        self.laptop.ns.name.trim_end_matches("-laptop").to_owned()
+        self.id.clone()
     }
 
     /// Wires node `k`'s namespace: underlay on the router's bridge, a pod
@@ -344,6 +480,7 @@ impl Cluster {
             name: format!("node{k}"),
             ns,
             index: k,
+            plan: self.plan,
         };
         // Owned by the cluster from here on, so teardown removes it even if set-up fails.
         self.nodes.push(n.clone());
@@ -352,10 +489,17 @@ impl Cluster {
         self.router.ip(&["link", "set", &uplink, "master", "nodes"])?;
         n.ns.ip(&["addr", "add", &format!("{}/24", n.ip()), "dev", "eth0"])?;
         n.ns.ip(&["addr", "add", &format!("{}/64", n.ip6()), "dev", "eth0", "nodad"])?;
-        n.ns.ip(&["route", "add", "default", "via", "203.0.113.1"])?;
+        n.ns.ip(&[
+            "route",
+            "add",
+            "default",
+            "via",
+            &self.plan.router_nodes_ip().to_string(),
+        ])?;
+        let (gw4, gw6) = n.gateways();
         n.ns.ip(&["link", "add", "br0", "type", "bridge"])?;
-        n.ns.ip(&["addr", "add", &format!("10.244.{k}.1/24"), "dev", "br0"])?;
-        n.ns.ip(&["addr", "add", &format!("fd00:10:244:{k}::1/64"), "dev", "br0", "nodad"])?;
+        n.ns.ip(&["addr", "add", &format!("{gw4}/24"), "dev", "br0"])?;
+        n.ns.ip(&["addr", "add", &format!("{gw6}/64"), "dev", "br0", "nodad"])?;
         n.ns.ip(&["link", "set", "br0", "up"])?;
         n.ns.sysctl("net.ipv4.ip_forward", "1")?;
         n.ns.sysctl("net.ipv6.conf.all.forwarding", "1")?;
@@ -404,12 +548,15 @@ impl Cluster {
         if self.pods.iter().any(|p| p.name == name) {
             bail!("pod {name:?} exists already");
         }
-        let node = self.node_net(k)?.ns.clone();
+        let (node, (gw4, gw6)) = {
+            let n = self.node_net(k)?;
+            (n.ns.clone(), n.gateways())
+        };
         let pod = Pod {
             name: name.into(),
             ns: Netns::create(&format!("{}-pod-{name}", self.prefix()))?,
-            ipv4: Ipv4Addr::new(10, 244, k, host),
-            ipv6: Ipv6Addr::new(0xfd00, 0x10, 0x244, u16::from(k), 0, 0, 0, u16::from(host)),
+            ipv4: self.plan.pod_v4(k, host),
+            ipv6: self.plan.pod_v6(k, host),
             node: k,
         };
         // Owned by the cluster from here on, so teardown removes it even if set-up fails.
@@ -421,10 +568,8 @@ impl Cluster {
             .ip(&["addr", "add", &format!("{}/24", pod.ipv4), "dev", "eth0"])?;
         pod.ns
             .ip(&["addr", "add", &format!("{}/64", pod.ipv6), "dev", "eth0", "nodad"])?;
-        pod.ns
-            .ip(&["route", "add", "default", "via", &format!("10.244.{k}.1")])?;
-        pod.ns
-            .ip(&["-6", "route", "add", "default", "via", &format!("fd00:10:244:{k}::1")])?;
+        pod.ns.ip(&["route", "add", "default", "via", &gw4.to_string()])?;
+        pod.ns.ip(&["-6", "route", "add", "default", "via", &gw6.to_string()])?;
         Ok(())
     }
 
@@ -491,7 +636,7 @@ impl Cluster {
         self.services.push(Service {
             name: name.into(),
             namespace: namespace.into(),
-            ip: Ipv4Addr::new(10, 96, 0, host),
+            ip: self.plan.service_ip(host),
             pod: pod.into(),
             port,
             target_port,
@@ -551,13 +696,14 @@ impl Cluster {
 
     /// The cluster's DNS records, as a hosts file dnsmasq reads.
     fn dns_hosts(&self) -> String {
+        let domain = self.plan.domain();
         let mut hosts = String::new();
         for s in &self.services {
-            hosts.push_str(&format!("{} {}.{}.svc.{DOMAIN}\n", s.ip, s.name, s.namespace));
+            hosts.push_str(&format!("{} {}.{}.svc.{domain}\n", s.ip, s.name, s.namespace));
         }
         for p in &self.pods {
             hosts.push_str(&format!(
-                "{} {}.pod.{DOMAIN}\n{} {}.pod.{DOMAIN}\n",
+                "{} {}.pod.{domain}\n{} {}.pod.{domain}\n",
                 p.ipv4, p.name, p.ipv6, p.name
             ));
         }
@@ -578,9 +724,15 @@ impl Cluster {
         let me = std::env::current_exe()?;
         let pod = self.pod(name)?.clone();
         let mut cmd = pod.ns.cmd(&me);
-        cmd.args(["agent", "serve", "--name", name])
-            .arg(format!("--echo-port={ECHO_PORT}"))
-            .arg(format!("--http-port={HTTP_PORT}"));
+        // The cluster is in the name so answers show which cluster replied.
+        cmd.args([
+            "agent",
+            "serve",
+            "--name",
+            &format!("{name} in cluster {}", self.plan.name()),
+        ])
+        .arg(format!("--echo-port={ECHO_PORT}"))
+        .arg(format!("--http-port={HTTP_PORT}"));
         let mut p = Background::spawn(&format!("{name} agent"), cmd, &self.dir.join(format!("{name}.log")))?;
         p.wait_for_log("serving", Duration::from_secs(10))?;
         self.processes.push(p);
@@ -599,7 +751,7 @@ impl Cluster {
             "--user=root".into(),
             "--bind-interfaces".into(),
             format!("--listen-address={}", dns.ipv4),
-            format!("--local=/{DOMAIN}/"),
+            format!("--local=/{}/", self.plan.domain()),
             "--log-facility=-".into(),
             "--log-queries".into(),
             format!("--addn-hosts={}", self.dir.join("dns-hosts").display()),
@@ -754,7 +906,7 @@ impl Cluster {
             .arg(format!("-client-privkey={}", self.key(o.client_key, "key")));
         if self.api.is_none() {
             cmd.arg(format!("--server-address={}", self.node_ip));
-            for r in CLUSTER_ROUTES {
+            for r in self.plan.static_routes() {
                 cmd.arg(format!("--route={r}"));
             }
         }
@@ -809,7 +961,7 @@ impl Cluster {
             let cidr = k8s::ServiceCIDR {
                 metadata: meta("kubernetes", None),
                 spec: Some(k8s::ServiceCIDRSpec {
-                    cidrs: Some(vec!["10.96.0.0/16".into()]),
+                    cidrs: Some(vec![self.plan.service_cidr()]),
                 }),
                 ..Default::default()
             };
@@ -989,11 +1141,8 @@ impl Cluster {
                 .iter()
                 .find(|n| n.name == name)
                 .with_context(|| format!("no node {name:?}"))?;
-            return Ok(if ipv6 {
-                format!("fd00:10:244:{}::1", n.index).parse::<Ipv6Addr>()?.into()
-            } else {
-                Ipv4Addr::new(10, 244, n.index, 1).into()
-            });
+            let (gw4, gw6) = n.gateways();
+            return Ok(if ipv6 { gw6.into() } else { gw4.into() });
         }
         if let Some(svc) = target.strip_prefix("service:") {
             if ipv6 {
@@ -1111,7 +1260,10 @@ impl Cluster {
         }
         self.processes.clear();
         self.api = None;
-        self.laptop.teardown();
+        // The first cluster made the laptop; the others only borrow it.
+        if self.plan.index == 0 {
+            self.laptop.teardown();
+        }
         for pod in &self.pods {
             pod.ns.delete();
         }

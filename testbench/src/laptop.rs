@@ -64,7 +64,7 @@ pub struct Laptop {
     mnt: PathBuf,
     /// Private mount point holding `mnt`.
     holder: PathBuf,
-    mounted: bool,
+    mounted: std::sync::atomic::AtomicBool,
 }
 
 fn copy_tree(from: &Path, to: &Path) -> Result<()> {
@@ -216,16 +216,16 @@ impl Laptop {
         }
         let holder = root.join("ns");
         std::fs::create_dir_all(&holder)?;
-        let mut laptop = Laptop {
+        let laptop = Laptop {
             ns,
             mnt: holder.join("mnt"),
             holder: holder.clone(),
-            mounted: false,
+            mounted: false.into(),
         };
         // A mount-namespace file can only be bound onto a private mount.
         let h = holder.to_string_lossy().into_owned();
         exec::run(cmd("mount", &["--bind", &h, &h]), CMD_TIMEOUT)?;
-        laptop.mounted = true;
+        laptop.mounted.store(true, std::sync::atomic::Ordering::Relaxed);
         exec::run(cmd("mount", &["--make-private", &h]), CMD_TIMEOUT)?;
         std::fs::write(&laptop.mnt, b"")?;
         let r = root.to_string_lossy();
@@ -289,13 +289,12 @@ impl Laptop {
         )
     }
 
-    /// Removes the mount namespace (the network namespace goes with the cluster).
-    pub fn teardown(&mut self) {
+    /// Removes the network and mount namespaces (once; later calls do nothing).
+    pub fn teardown(&self) {
         self.ns.delete();
-        if self.mounted {
+        if self.mounted.swap(false, std::sync::atomic::Ordering::Relaxed) {
             let _ = exec::run_to_completion(cmd("umount", &[&self.mnt.to_string_lossy()]), CMD_TIMEOUT);
             let _ = exec::run_to_completion(cmd("umount", &[&self.holder.to_string_lossy()]), CMD_TIMEOUT);
-            self.mounted = false;
         }
     }
 }

@@ -57,6 +57,10 @@ pub struct Topology {
     /// How many nodes (node1 runs the servers).
     #[serde(default = "one_node")]
     pub nodes: u8,
+    /// How many clusters share the laptop (`a`, `b`, … with distinct networks
+    /// and domains; see the `use-cluster` step).
+    #[serde(default = "one_node")]
+    pub clusters: u8,
 }
 
 fn one_node() -> u8 {
@@ -80,6 +84,7 @@ impl Default for Topology {
             service_cidrs: true,
             forbid: Vec::new(),
             nodes: 1,
+            clusters: 1,
         }
     }
 }
@@ -204,6 +209,11 @@ pub enum Step {
     },
     /// Add the next node (`nodeN`) with its pod networks.
     AddNode,
+    /// Act on cluster `name` (`a`, `b`, … with `[topology] clusters`) from now on.
+    UseCluster {
+        /// The cluster.
+        name: String,
+    },
     /// Remove a pod.
     RemovePod {
         /// Its name.
@@ -431,6 +441,7 @@ impl Step {
             Step::AddPod { name, node: None } => format!("add pod {name}"),
             Step::AddPod { name, node: Some(n) } => format!("add pod {name} on {n}"),
             Step::AddNode => "add a node".into(),
+            Step::UseCluster { name } => format!("use cluster {name}"),
             Step::RemovePod { name } => format!("remove pod {name}"),
             Step::AddService { name, pod, .. } => format!("add service {name} → {pod}"),
             Step::RemoveService { name } => format!("remove service {name}"),
@@ -593,8 +604,11 @@ fn substitute(v: &toml::Value, combo: &[(&str, &str)]) -> Result<toml::Value> {
 
 /// State while a scenario runs.
 struct Run<'a> {
-    cluster: &'a mut Cluster,
+    /// The clusters; steps act on the first (`use-cluster` brings another to the front).
+    clusters: Vec<Cluster>,
     clients: BTreeMap<String, Background>,
+    /// Every client's log, also after it ended.
+    client_logs: BTreeMap<String, std::path::PathBuf>,
     laptop_before: String,
     impairments: &'a BTreeMap<String, Impairment>,
     /// What the current step measured, for its report line.
@@ -608,7 +622,7 @@ pub fn run(scenario: &Scenario, teletun: &Path, work: &Path, progress: &mut dyn 
     let started = Instant::now();
     let mut checks = Vec::new();
     let t = Instant::now();
-    let mut cluster = match Cluster::build(teletun, work, &scenario.topology) {
+    let clusters = match build_clusters(teletun, work, &scenario.topology) {
         Ok(c) => c,
         Err(e) => {
             let c = CheckResult::new("build cluster", t.elapsed(), Outcome::Fail(format!("{e:#}")));
@@ -620,11 +634,12 @@ pub fn run(scenario: &Scenario, teletun: &Path, work: &Path, progress: &mut dyn 
     let c = CheckResult::new("build cluster", t.elapsed(), Outcome::Pass);
     progress(&c);
     checks.push(c);
-    let logs = cluster.dir.clone();
-    let laptop_before = cluster.laptop.snapshot().unwrap_or_default();
+    let logs: Vec<std::path::PathBuf> = clusters.iter().map(|c| c.dir.clone()).collect();
+    let laptop_before = clusters[0].laptop.snapshot().unwrap_or_default();
     let mut run = Run {
-        cluster: &mut cluster,
+        clusters,
         clients: BTreeMap::new(),
+        client_logs: BTreeMap::new(),
         laptop_before,
         impairments: &scenario.impairments,
         detail: None,
@@ -667,17 +682,42 @@ pub fn run(scenario: &Scenario, teletun: &Path, work: &Path, progress: &mut dyn 
         let _ = c.wait(Duration::from_secs(10));
     }
     let failed = checks.iter().any(|c| matches!(c.outcome, Outcome::Fail(_)));
-    cluster.teardown();
-    let keep = failed.then_some(logs.clone());
+    // The first cluster made the laptop: it goes last.
+    let mut clusters = std::mem::take(&mut run.clusters);
+    clusters.sort_by_key(|c| std::cmp::Reverse(c.plan.index));
+    for mut c in clusters {
+        c.teardown();
+    }
+    let keep = failed.then(|| logs[0].clone());
     if !failed {
-        let _ = std::fs::remove_dir_all(&logs);
+        for dir in &logs {
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
     CaseResult::new(&scenario.name, checks, started.elapsed(), keep)
 }
 
+/// The topology's clusters: the first makes the laptop, the others attach to it.
+fn build_clusters(teletun: &Path, work: &Path, topology: &Topology) -> Result<Vec<Cluster>> {
+    let mut clusters = vec![Cluster::build(teletun, work, topology)?];
+    for index in 1..topology.clusters {
+        match Cluster::attach(&clusters[0], work, topology, index) {
+            Ok(c) => clusters.push(c),
+            Err(e) => {
+                clusters.sort_by_key(|c| std::cmp::Reverse(c.plan.index));
+                for mut c in clusters {
+                    c.teardown();
+                }
+                return Err(e);
+            }
+        }
+    }
+    Ok(clusters)
+}
+
 impl Run<'_> {
     fn laptop_check(&self, program: &str, args: &[&str]) -> Result<String> {
-        let mut c = self.cluster.laptop.cmd(program);
+        let mut c = self.clusters[0].laptop.cmd(program);
         c.args(args);
         let out = exec::output(c, Duration::from_secs(20))?;
         if !out.status.success() {
@@ -695,7 +735,7 @@ impl Run<'_> {
 
     fn step(&mut self, step: &Step) -> Result<()> {
         match step {
-            Step::StartServers => self.cluster.start_servers(),
+            Step::StartServers => self.clusters[0].start_servers(),
             Step::StartClient {
                 name,
                 client_key,
@@ -734,27 +774,27 @@ impl Run<'_> {
                 Ok(())
             }
             Step::Ping { to, ipv6, .. } => {
-                let ip = self.cluster.address(to, *ipv6)?.to_string();
+                let ip = self.clusters[0].address(to, *ipv6)?.to_string();
                 self.laptop_check("ping", &["-c", "3", "-i", "0.2", "-W", "2", &ip])
                     .map(|_| ())
             }
             Step::TcpEcho { to, ipv6, .. } => {
-                let addr = std::net::SocketAddr::new(self.cluster.address(to, *ipv6)?, ECHO_PORT).to_string();
+                let addr = std::net::SocketAddr::new(self.clusters[0].address(to, *ipv6)?, ECHO_PORT).to_string();
                 self.agent_on_laptop(&["tcp-echo", &addr]).map(|_| ())
             }
             Step::UdpEcho { to, ipv6 } => {
-                let addr = std::net::SocketAddr::new(self.cluster.address(to, *ipv6)?, ECHO_PORT).to_string();
+                let addr = std::net::SocketAddr::new(self.clusters[0].address(to, *ipv6)?, ECHO_PORT).to_string();
                 self.agent_on_laptop(&["udp-echo", &addr]).map(|_| ())
             }
             Step::Http { to, .. } => {
                 let (port, pod) = match to.strip_prefix("service:") {
                     Some(svc) => {
-                        let s = self.cluster.service(svc)?;
+                        let s = self.clusters[0].service(svc)?;
                         (s.port, s.pod.clone())
                     }
                     None => (HTTP_PORT, to.clone()),
                 };
-                let addr = std::net::SocketAddr::new(self.cluster.address(to, false)?, port).to_string();
+                let addr = std::net::SocketAddr::new(self.clusters[0].address(to, false)?, port).to_string();
                 self.agent_on_laptop(&["http", &addr, &format!("hello from {pod} ")])
                     .map(|_| ())
             }
@@ -764,23 +804,32 @@ impl Run<'_> {
                     Err(_) => Ok(()),
                 }
             }
-            Step::AddPod { name, node } => self.cluster.add_app_pod(name, node.as_deref()),
+            Step::AddPod { name, node } => self.clusters[0].add_app_pod(name, node.as_deref()),
+            Step::UseCluster { name } => {
+                let i = self
+                    .clusters
+                    .iter()
+                    .position(|c| c.plan.name() == *name)
+                    .with_context(|| format!("no cluster {name:?}: [topology] clusters says how many"))?;
+                self.clusters.swap(0, i);
+                Ok(())
+            }
             Step::AddNode => {
-                let name = self.cluster.add_node()?;
+                let name = self.clusters[0].add_node()?;
                 self.detail = Some(format!("added {name}"));
                 Ok(())
             }
-            Step::RemovePod { name } => self.cluster.remove_pod(name),
+            Step::RemovePod { name } => self.clusters[0].remove_pod(name),
             Step::AddService {
                 name,
                 namespace,
                 pod,
                 port,
                 target_port,
-            } => self.cluster.add_service(name, namespace, pod, *port, *target_port),
-            Step::RemoveService { name } => self.cluster.remove_service(name),
+            } => self.clusters[0].add_service(name, namespace, pod, *port, *target_port),
+            Step::RemoveService { name } => self.clusters[0].remove_service(name),
             Step::CompactApi => {
-                let n = self.cluster.compact_api()?;
+                let n = self.clusters[0].compact_api()?;
                 self.detail = Some(format!("{n} watches got 410 Gone and listed again"));
                 Ok(())
             }
@@ -792,12 +841,12 @@ impl Run<'_> {
             } => {
                 let addr = match to.parse::<std::net::IpAddr>() {
                     Ok(ip) => ip,
-                    Err(_) => self.cluster.address(to, *ipv6)?,
+                    Err(_) => self.clusters[0].address(to, *ipv6)?,
                 };
-                let since = self.cluster.changed_at.get(to).copied();
+                let since = self.clusters[0].changed_at.get(to).copied();
                 let deadline = Instant::now() + Duration::from_secs(*within);
                 loop {
-                    let mut c = self.cluster.laptop.cmd("ip");
+                    let mut c = self.clusters[0].laptop.cmd("ip");
                     c.args(["-o", "route", "get", &addr.to_string()]);
                     let out = exec::output(c, Duration::from_secs(5))?;
                     let routed = out.status.success() && out.stdout.contains(" dev tel");
@@ -818,7 +867,7 @@ impl Run<'_> {
                     Some(t) => (t, true),
                     None => (expect.as_str(), false),
                 };
-                let want = self.cluster.address(target, v6)?;
+                let want = self.clusters[0].address(target, v6)?;
                 let family = if v6 { "ahostsv6" } else { "ahostsv4" };
                 let out = self
                     .laptop_check("getent", &[family, name])
@@ -830,14 +879,14 @@ impl Run<'_> {
                 Ok(())
             }
             Step::ConnectBack { from, ipv6 } => {
-                let target = self.cluster.address("teletun", *ipv6)?;
+                let target = self.clusters[0].address("teletun", *ipv6)?;
                 let token = format!("back-from-{from}");
                 let me = std::env::current_exe()?;
-                let mut listen = self.cluster.laptop.cmd(&me);
+                let mut listen = self.clusters[0].laptop.cmd(&me);
                 listen.args(["agent", "listen", "9099", &token]);
-                let mut l = Background::spawn("laptop listener", listen, &self.cluster.dir.join("listener.log"))?;
+                let mut l = Background::spawn("laptop listener", listen, &self.clusters[0].dir.join("listener.log"))?;
                 l.wait_for_log("listening", Duration::from_secs(5))?;
-                let pod = self.cluster.pod(from)?.ns.clone();
+                let pod = self.clusters[0].pod(from)?.ns.clone();
                 let mut send = pod.cmd(&me);
                 send.args([
                     "agent",
@@ -858,7 +907,7 @@ impl Run<'_> {
             Step::LaptopUnchanged { within } => {
                 let deadline = Instant::now() + Duration::from_secs(*within);
                 loop {
-                    let now = self.cluster.laptop.snapshot()?;
+                    let now = self.clusters[0].laptop.snapshot()?;
                     if now == self.laptop_before {
                         return Ok(());
                     }
@@ -876,14 +925,14 @@ impl Run<'_> {
                     .get(profile)
                     .with_context(|| format!("no profile {profile:?}"))?
                     .clone();
-                self.cluster.impair(&imp)?;
+                self.clusters[0].impair(&imp)?;
                 self.detail = Some(imp.describe());
                 Ok(())
             }
             Step::Transfer { direction, bytes, seed } => {
-                let addr = std::net::SocketAddr::new(self.cluster.address("app", false)?, crate::agent::BLOB_PORT);
+                let addr = std::net::SocketAddr::new(self.clusters[0].address("app", false)?, crate::agent::BLOB_PORT);
                 let me = std::env::current_exe()?;
-                let mut c = self.cluster.laptop.cmd(&me);
+                let mut c = self.clusters[0].laptop.cmd(&me);
                 c.args([
                     "agent",
                     "blob",
@@ -905,12 +954,12 @@ impl Run<'_> {
             }
             Step::NoCorruption => self.no_corruption(),
             Step::Snapshot { name } => {
-                let state = normalize(&self.cluster.laptop.snapshot()?);
+                let state = normalize(&self.clusters[0].laptop.snapshot()?);
                 self.snapshot = Some((name.clone(), state));
                 Ok(())
             }
             Step::TeletunCleanup => self
-                .laptop_check(&self.cluster.teletun.to_string_lossy(), &["cleanup"])
+                .laptop_check(&self.clusters[0].teletun.to_string_lossy(), &["cleanup"])
                 .map(|_| ()),
             Step::KillClient { name, signal } => {
                 let mut c = self
@@ -930,11 +979,11 @@ impl Run<'_> {
                 expect_failure,
             } => {
                 let mut c = match on.as_str() {
-                    "laptop" => self.cluster.laptop.cmd("sh"),
-                    "node" => self.cluster.node.cmd("sh"),
-                    "router" => self.cluster.router.cmd("sh"),
+                    "laptop" => self.clusters[0].laptop.cmd("sh"),
+                    "node" => self.clusters[0].node.cmd("sh"),
+                    "router" => self.clusters[0].router.cmd("sh"),
                     other => match other.strip_prefix("pod:") {
-                        Some(pod) => self.cluster.pod(pod)?.ns.cmd("sh"),
+                        Some(pod) => self.clusters[0].pod(pod)?.ns.cmd("sh"),
                         None => bail!("unknown place {other:?}: use laptop, node, router or pod:NAME"),
                     },
                 };
@@ -964,8 +1013,14 @@ impl Run<'_> {
                 let deadline = Instant::now() + Duration::from_secs(if *absent { 0 } else { *within });
                 loop {
                     let log = match process.strip_prefix("client:") {
-                        Some(name) => std::fs::read_to_string(self.cluster.dir.join(format!("client-{name}.log")))?,
-                        None => self.cluster.process_mut(process)?.log_text(),
+                        Some(name) => {
+                            let path = self
+                                .client_logs
+                                .get(name)
+                                .with_context(|| format!("no client {name:?} ran"))?;
+                            std::fs::read_to_string(path)?
+                        }
+                        None => self.clusters[0].process_mut(process)?.log_text(),
                     };
                     match (log.contains(text.as_str()), absent) {
                         (true, false) => return Ok(()),
@@ -981,13 +1036,13 @@ impl Run<'_> {
                 }
             }
             Step::StartServer { role } => match role.as_str() {
-                "server-cluster" => self.cluster.start_server_cluster(),
-                "server-external" => self.cluster.start_server_external(),
+                "server-cluster" => self.clusters[0].start_server_cluster(),
+                "server-external" => self.clusters[0].start_server_external(),
                 other => bail!("unknown role {other:?}: use server-cluster or server-external"),
             },
             Step::StopServer { role, signal } => {
                 let sig = signal_number(signal)?;
-                let p = self.cluster.process_mut(role)?;
+                let p = self.clusters[0].process_mut(role)?;
                 p.signal(sig);
                 let status = p.wait(Duration::from_secs(10))?;
                 if sig != libc::SIGKILL && !status.success() {
@@ -1023,8 +1078,8 @@ impl Run<'_> {
         ];
         let mut problems = Vec::new();
         let places = [
-            ("laptop", self.cluster.laptop.cmd("nstat")),
-            ("server-cluster pod", self.cluster.pod("teletun")?.ns.cmd("nstat")),
+            ("laptop", self.clusters[0].laptop.cmd("nstat")),
+            ("server-cluster pod", self.clusters[0].pod("teletun")?.ns.cmd("nstat")),
         ];
         for (place, mut nstat) in places {
             nstat.arg("-asz");
@@ -1039,7 +1094,7 @@ impl Run<'_> {
             }
         }
         let mut summaries = 0;
-        let mut logs: Vec<(String, String)> = std::fs::read_dir(&self.cluster.dir)?
+        let mut logs: Vec<(String, String)> = std::fs::read_dir(&self.clusters[0].dir)?
             .filter_map(|e| e.ok().map(|e| e.path()))
             .filter(|p| {
                 p.file_name()
@@ -1048,7 +1103,7 @@ impl Run<'_> {
             .map(|p| (p.display().to_string(), std::fs::read_to_string(&p).unwrap_or_default()))
             .collect();
         for role in ["server-cluster", "server-external"] {
-            logs.push((role.to_owned(), self.cluster.process_mut(role)?.log_text()));
+            logs.push((role.to_owned(), self.clusters[0].process_mut(role)?.log_text()));
         }
         for (name, log) in &logs {
             for line in log.lines().filter(|l| l.contains(" malformed")) {
@@ -1078,9 +1133,9 @@ impl Run<'_> {
             "SIGKILL-group" => (libc::SIGKILL, true),
             other => (signal_number(other)?, false),
         };
-        let mut cmd = self.cluster.client_command(&ClientOptions::default())?;
+        let mut cmd = self.clusters[0].client_command(&ClientOptions::default())?;
         cmd.env("TELETUN_TESTBENCH_CRASHPOINT", point);
-        let log = self.cluster.dir.join(format!("client-crash-{point}.log"));
+        let log = self.clusters[0].dir.join(format!("client-crash-{point}.log"));
         let mut c = Background::spawn("crashing client", cmd, &log)?;
         let reached = format!("crashpoint {point} reached");
         if point == "mid-teardown" {
@@ -1107,8 +1162,9 @@ impl Run<'_> {
         if self.clients.contains_key(name) {
             bail!("client {name:?} already runs");
         }
-        let cmd = self.cluster.client_command(options)?;
-        let log = self.cluster.dir.join(format!("client-{name}.log"));
+        let cmd = self.clusters[0].client_command(options)?;
+        let log = self.clusters[0].dir.join(format!("client-{name}.log"));
+        self.client_logs.insert(name.to_owned(), log.clone());
         let mut c = Background::spawn(&format!("client {name}"), cmd, &log)?;
         match expect_error {
             None => {

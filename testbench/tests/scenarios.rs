@@ -67,6 +67,11 @@ fn kube_watch_routes_changes_live() {
 }
 
 #[test]
+fn two_clusters_at_once() {
+    run_scenario("two-clusters.toml");
+}
+
+#[test]
 fn multi_node_cluster() {
     run_scenario("multi-node.toml");
 }
