@@ -6,6 +6,7 @@ mod bench;
 mod cluster;
 mod exec;
 mod impair;
+mod kind;
 mod kubeapi;
 mod laptop;
 mod netns;
@@ -45,6 +46,16 @@ enum Cmd {
         /// systemd-resolved); one CI job per variant uses it.
         #[arg(long)]
         resolvconf: Option<String>,
+        /// netns (network namespaces on this machine) or kind (Kubernetes in
+        /// Docker: deploys the servers from docs/deploy/ in each kind config).
+        #[arg(long, default_value = "netns", value_parser = ["netns", "kind"])]
+        backend: String,
+    },
+    /// Print what the kind backend would run for a kind config.
+    KindPlan {
+        /// single-node, two-nodes or dual-stack.
+        #[arg(long, default_value = "single-node")]
+        config: String,
     },
     /// Measure throughput and RTT through the raw underlay and through the tunnel.
     Bench {
@@ -244,9 +255,27 @@ fn main() -> ExitCode {
         exec::install_interrupt_handler()?;
         match cli.command {
             Cmd::Scenario {
+                backend, files, filter, ..
+            } if backend == "kind" => {
+                if !files.is_empty() || filter.is_some() {
+                    bail!("the kind backend runs its deployment check per kind config, not scenario files; drop them");
+                }
+                kind::check_tools()?;
+                for config in kind::CONFIGS {
+                    kind::execute(&workspace_root(), &kind::plan(&workspace_root(), config)?)?;
+                    println!("PASS  kind {config}: the servers deploy and link up");
+                }
+                Ok(true)
+            }
+            Cmd::KindPlan { config } => {
+                print!("{}", kind::plan(&workspace_root(), &config)?.render());
+                Ok(true)
+            }
+            Cmd::Scenario {
                 files,
                 filter,
                 resolvconf,
+                ..
             } => {
                 preflight(false)?;
                 netns::remove_stale();

@@ -52,8 +52,8 @@ pub struct PumpExit {
 
 /// Runs `source → sink` on a new thread. Every packet is checked with
 /// [`packet::inspect`] when `check_packets` is set; failures are dropped and
-/// counted. When the pump ends it sets `stop` (so its sibling ends too) and
-/// reports on `exits`.
+/// counted. When the pump ends it reports on `exits`, then sets `stop` (so its
+/// sibling ends too, and reports after it).
 pub fn spawn<S, K>(
     name: &'static str,
     mut source: S,
@@ -69,8 +69,9 @@ where
 {
     thread::Builder::new().name(name.into()).spawn(move || {
         let result = run(&mut source, &mut sink, check_packets, &stats, &stop);
-        stop.stop();
+        // Report first, then stop the siblings: the first report says why.
         let _ = exits.send(PumpExit { name, result });
+        stop.stop();
     })
 }
 
@@ -201,8 +202,8 @@ impl DataPlane {
         let exits = self.exits_tx.clone();
         let t = thread::Builder::new().name(name.into()).spawn(move || {
             let result = task(&stop);
-            stop.stop();
             let _ = exits.send(PumpExit { name, result });
+            stop.stop();
         })?;
         self.threads.push(t);
         Ok(())

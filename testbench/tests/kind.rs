@@ -1,0 +1,107 @@
+//! The kind backend: its plan (commands and manifests) for each kind config is
+//! snapshot-tested, and without Docker and kind it stops at once, clearly.
+
+use std::process::Command;
+
+fn testbench(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_testbench"))
+        .args(args)
+        .output()
+        .expect("run testbench")
+}
+
+#[test]
+fn plans_for_every_kind_config() {
+    for config in ["single-node", "two-nodes", "dual-stack"] {
+        let out = testbench(&["kind-plan", "--config", config]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        insta::assert_snapshot!(format!("kind-plan-{config}"), String::from_utf8_lossy(&out.stdout));
+    }
+    let out = testbench(&["kind-plan", "--config", "huge"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown kind config"));
+}
+
+#[test]
+fn without_docker_and_kind_it_stops_at_once() {
+    let engine = Command::new("docker")
+        .arg("info")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    let kind = Command::new("kind")
+        .arg("version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if engine && kind {
+        eprintln!("docker and kind are present here: the fail-fast path is not exercised on this machine");
+        return;
+    }
+    let out = testbench(&["scenario", "--backend", "kind"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert_eq!(err.lines().count(), 1, "one line: {err}");
+    assert!(
+        err.contains("the kind backend needs a running Docker engine and kind"),
+        "{err}"
+    );
+}
+
+/// The manifests in docs/deploy/ are Kubernetes objects of the right shape:
+/// they parse into the k8s-openapi types, and carry what the servers need.
+#[test]
+fn deploy_manifests_are_kubernetes_objects() {
+    use k8s_openapi::api::core::v1::Pod;
+    use k8s_openapi::api::rbac::v1::ClusterRole;
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/deploy");
+    let text = std::fs::read_to_string(root.join("teletun-servers.yaml")).unwrap();
+    let docs: Vec<serde_json::Value> = serde_saphyr::from_multiple(&text).expect("valid YAML");
+    let pods: Vec<Pod> = docs
+        .into_iter()
+        .filter(|d| !d.is_null())
+        .map(|d| serde_json::from_value(d).expect("a Pod"))
+        .collect();
+    let names: Vec<&str> = pods.iter().filter_map(|p| p.metadata.name.as_deref()).collect();
+    assert_eq!(names, ["teletun-external", "teletun-cluster"]);
+    let external = pods[0].spec.as_ref().unwrap();
+    assert_eq!(
+        external.host_network,
+        Some(true),
+        "server-external must be reachable at its node's address"
+    );
+    let cluster = pods[1].spec.as_ref().unwrap();
+    let security = cluster.containers[0].security_context.as_ref().unwrap();
+    assert_eq!(security.privileged, Some(true), "server-cluster writes net sysctls");
+    let affinity = cluster
+        .affinity
+        .as_ref()
+        .and_then(|a| a.pod_affinity.as_ref())
+        .expect("co-located with server-external");
+    assert_eq!(
+        affinity
+            .required_during_scheduling_ignored_during_execution
+            .as_ref()
+            .unwrap()[0]
+            .topology_key,
+        "kubernetes.io/hostname"
+    );
+    for spec in [external, cluster] {
+        let socket = spec
+            .volumes
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|v| v.name == "socket")
+            .expect("the shared socket");
+        assert_eq!(socket.host_path.as_ref().unwrap().path, "/var/run/teletun");
+    }
+    let rbac: ClusterRole =
+        serde_saphyr::from_str(&std::fs::read_to_string(root.join("rbac.yaml")).unwrap()).expect("a ClusterRole");
+    let verbs: Vec<&String> = rbac
+        .rules
+        .as_ref()
+        .unwrap()
+        .iter()
+        .flat_map(|r| r.verbs.iter())
+        .collect();
+    assert!(verbs.iter().any(|v| *v == "watch"), "the client watches");
+}
