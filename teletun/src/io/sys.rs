@@ -131,15 +131,28 @@ pub fn send_batch(fd: RawFd, batch: &PacketBatch, dest: Option<SocketAddr>) -> i
     Ok(())
 }
 
-/// Waits until one of `fds` has `events` (or the timeout passes). Returns the
-/// index of the first ready descriptor.
+/// How many descriptors [`wait`] watches at most.
+pub const MAX_WAIT_FDS: usize = 4;
+
+/// Waits until one of `fds` (at most [`MAX_WAIT_FDS`]) has `events`, or the
+/// timeout passes. Returns the index of the first ready descriptor. Pumps call
+/// it once per batch, so it does not allocate.
 pub fn wait(fds: &[RawFd], events: libc::c_short, timeout: Option<Duration>) -> io::Result<Option<usize>> {
-    let mut pfds: Vec<libc::pollfd> = fds.iter().map(|&fd| libc::pollfd { fd, events, revents: 0 }).collect();
+    let unused = libc::pollfd {
+        fd: -1,
+        events: 0,
+        revents: 0,
+    };
+    let mut pfds = [unused; MAX_WAIT_FDS];
+    let n = fds.len().min(MAX_WAIT_FDS);
+    for (p, &fd) in pfds.iter_mut().zip(&fds[..n]) {
+        *p = libc::pollfd { fd, events, revents: 0 };
+    }
     let ms = timeout.map_or(-1, |t| t.as_millis().min(i32::MAX as u128) as libc::c_int);
-    // SAFETY: pfds is a valid array of pollfd for the duration of the call.
-    match cvt(unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, ms) }) {
+    // SAFETY: pfds holds n valid pollfd entries for the duration of the call.
+    match cvt(unsafe { libc::poll(pfds.as_mut_ptr(), n as libc::nfds_t, ms) }) {
         Ok(0) => Ok(None),
-        Ok(_) => Ok(pfds.iter().position(|p| p.revents != 0)),
+        Ok(_) => Ok(pfds[..n].iter().position(|p| p.revents != 0)),
         Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(None),
         Err(e) => Err(e),
     }
