@@ -274,6 +274,8 @@ pub struct Cluster {
     pub services: Vec<Service>,
     /// Pods and services removed during the run: checks may still aim at them.
     gone: (Vec<Pod>, Vec<Service>),
+    /// Nodes removed during the run.
+    gone_nodes: Vec<NodeNet>,
     /// How it was built.
     topology: Topology,
     /// The Kubernetes API describing it, if the topology asks for one.
@@ -420,6 +422,7 @@ impl Cluster {
             pods: Vec::new(),
             services,
             gone: (Vec::new(), Vec::new()),
+            gone_nodes: Vec::new(),
             topology: topology.clone(),
             api: None,
             changed_at: HashMap::new(),
@@ -534,6 +537,43 @@ impl Cluster {
         self.changed_at
             .insert(format!("node:{name}"), std::time::Instant::now());
         Ok(name)
+    }
+
+    /// Removes a node (not node1, which runs the servers) with its pods: the
+    /// other nodes forget its pod networks, the API its objects.
+    pub fn remove_node(&mut self, name: &str) -> Result<()> {
+        let i = self
+            .nodes
+            .iter()
+            .position(|n| n.name == name)
+            .with_context(|| format!("no node {name:?}"))?;
+        if self.nodes[i].index == 1 {
+            bail!("node1 runs the servers and stays");
+        }
+        let node = self.nodes.remove(i);
+        let pods: Vec<String> = self
+            .pods
+            .iter()
+            .filter(|p| p.node == node.index)
+            .map(|p| p.name.clone())
+            .collect();
+        for pod in pods {
+            self.remove_pod(&pod)?;
+        }
+        for other in &self.nodes {
+            let [v4, v6] = node.pod_cidrs();
+            other.ns.ip(&["route", "del", &v4])?;
+            other.ns.ip(&["-6", "route", "del", &v6])?;
+        }
+        node.ns.delete();
+        if let Some(api) = &self.api {
+            api.delete(kubeapi::Kind::Node, None, name)?;
+        }
+        self.changed_at
+            .insert(format!("node:{name}"), std::time::Instant::now());
+        // Checks may still aim at it.
+        self.gone_nodes.push(node);
+        Ok(())
     }
 
     fn node_net(&self, index: u8) -> Result<&NodeNet> {
@@ -1139,6 +1179,7 @@ impl Cluster {
             let n = self
                 .nodes
                 .iter()
+                .chain(&self.gone_nodes)
                 .find(|n| n.name == name)
                 .with_context(|| format!("no node {name:?}"))?;
             let (gw4, gw6) = n.gateways();

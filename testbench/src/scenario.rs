@@ -209,6 +209,11 @@ pub enum Step {
     },
     /// Add the next node (`nodeN`) with its pod networks.
     AddNode,
+    /// Remove a node with its pods.
+    RemoveNode {
+        /// Its name (`node2`, …).
+        name: String,
+    },
     /// Act on cluster `name` (`a`, `b`, … with `[topology] clusters`) from now on.
     UseCluster {
         /// The cluster.
@@ -441,6 +446,7 @@ impl Step {
             Step::AddPod { name, node: None } => format!("add pod {name}"),
             Step::AddPod { name, node: Some(n) } => format!("add pod {name} on {n}"),
             Step::AddNode => "add a node".into(),
+            Step::RemoveNode { name } => format!("remove {name}"),
             Step::UseCluster { name } => format!("use cluster {name}"),
             Step::RemovePod { name } => format!("remove pod {name}"),
             Step::AddService { name, pod, .. } => format!("add service {name} → {pod}"),
@@ -805,6 +811,7 @@ impl Run<'_> {
                 }
             }
             Step::AddPod { name, node } => self.clusters[0].add_app_pod(name, node.as_deref()),
+            Step::RemoveNode { name } => self.clusters[0].remove_node(name),
             Step::UseCluster { name } => {
                 let i = self
                     .clusters
