@@ -41,3 +41,32 @@ pub async fn reached(point: &str) {
     }
     eprintln!("teletun: crashpoint {point}: resuming after a signal");
 }
+
+#[cfg(test)]
+mod tests {
+    use super::POINTS;
+
+    /// Every crash point the client passes is in the testbench's crash matrix,
+    /// and the client really passes it.
+    #[test]
+    fn the_crash_matrix_covers_every_point() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let matrix = std::fs::read_to_string(root.join("scenarios/crash.toml")).unwrap();
+        let client = std::fs::read_to_string(root.join("teletun/src/roles/client.rs")).unwrap();
+        for point in POINTS {
+            assert!(
+                matrix.contains(&format!("\"{point}\"")),
+                "scenarios/crash.toml lacks {point}"
+            );
+            assert!(
+                client.contains(&format!("reached(\"{point}\")")),
+                "the client never reaches {point}"
+            );
+        }
+        assert_eq!(
+            client.matches("crashpoint::reached(").count(),
+            POINTS.len(),
+            "a point missing from POINTS"
+        );
+    }
+}

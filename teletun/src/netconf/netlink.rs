@@ -43,6 +43,18 @@ pub struct Rule {
     pub message: RuleMessage,
 }
 
+/// The name of interface `index`, if it exists.
+pub fn interface_name(index: u32) -> Option<String> {
+    let mut buf = [0u8; libc::IF_NAMESIZE];
+    // SAFETY: if_indextoname writes at most IF_NAMESIZE bytes into buf.
+    let p = unsafe { libc::if_indextoname(index, buf.as_mut_ptr().cast()) };
+    if p.is_null() {
+        return None;
+    }
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    Some(String::from_utf8_lossy(&buf[..end]).into_owned())
+}
+
 /// A connection to the kernel's routing subsystem.
 #[derive(Clone)]
 pub struct Netlink {

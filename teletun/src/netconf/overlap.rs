@@ -42,24 +42,13 @@ pub fn describe(route: &Route) -> String {
     if let Some(gw) = route.gateway {
         s.push_str(&format!(" via {gw}"));
     }
-    if let Some(name) = route.oif.and_then(if_name) {
+    if let Some(name) = route.oif.and_then(super::netlink::interface_name) {
         s.push_str(&format!(" dev {name}"));
     }
     if route.table != super::netlink::TABLE_MAIN {
         s.push_str(&format!(" table {}", route.table));
     }
     s
-}
-
-fn if_name(index: u32) -> Option<String> {
-    let mut buf = [0u8; libc::IF_NAMESIZE];
-    // SAFETY: if_indextoname writes at most IF_NAMESIZE bytes into buf.
-    let p = unsafe { libc::if_indextoname(index, buf.as_mut_ptr().cast()) };
-    if p.is_null() {
-        return None;
-    }
-    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
-    Some(String::from_utf8_lossy(&buf[..end]).into_owned())
 }
 
 #[cfg(test)]

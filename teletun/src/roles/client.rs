@@ -341,7 +341,11 @@ async fn establish(
     };
     info!("connected to {}: {hello}", config.server);
     // The server's answer first (it may be busy), then whether our routes would collide.
-    keeper.check_conflicts(cluster).await?;
+    if let Err(e) = keeper.check_conflicts(cluster).await {
+        // Leave politely so the server frees its slot at once.
+        let _ = tokio::time::timeout(Duration::from_secs(1), tokio::io::AsyncWriteExt::shutdown(&mut control)).await;
+        return Err(e);
+    }
 
     // 2. Data plane handshake, before touching this machine's configuration.
     let bind: SocketAddr = if config.server.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }.parse()?;

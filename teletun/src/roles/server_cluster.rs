@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, Context, Result};
 use ipnet::IpNet;
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::{info, warn};
@@ -260,14 +260,9 @@ async fn pod_interface(netlink: &Netlink, configured: Option<&str>) -> Result<(S
         .find(|r| r.destination.prefix_len() == 0 && r.table == crate::netconf::netlink::TABLE_MAIN && r.oif.is_some())
         .and_then(|r| r.oif)
         .ok_or_else(|| anyhow!("no IPv4 default route: cannot tell which interface is the pod's; pass --interface"))?;
-    let mut buf = [0u8; libc::IF_NAMESIZE];
-    // SAFETY: if_indextoname writes at most IF_NAMESIZE bytes into buf.
-    let p = unsafe { libc::if_indextoname(index, buf.as_mut_ptr().cast()) };
-    if p.is_null() {
-        bail!("the default route's interface {index} vanished");
-    }
-    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
-    Ok((String::from_utf8_lossy(&buf[..end]).into_owned(), index))
+    let name = crate::netconf::netlink::interface_name(index)
+        .ok_or_else(|| anyhow!("the default route's interface {index} vanished"))?;
+    Ok((name, index))
 }
 
 fn mtu_of(interface: &str) -> Result<usize> {

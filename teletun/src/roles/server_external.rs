@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, Context, Result};
@@ -48,7 +48,7 @@ struct Shared {
     config: ServerExternalConfig,
     udp: Arc<socket2::Socket>,
     /// The client being served, if any.
-    busy: Mutex<Option<SocketAddr>>,
+    serving: watch::Sender<Option<SocketAddr>>,
     cluster: watch::Sender<ClusterState>,
 }
 
@@ -67,7 +67,7 @@ pub async fn run(config: ServerExternalConfig) -> Result<()> {
     let shared = Arc::new(Shared {
         config,
         udp,
-        busy: Mutex::new(None),
+        serving: watch::Sender::new(None),
         cluster,
     });
     tokio::spawn(keep_cluster_connected(shared.clone()));
@@ -119,7 +119,7 @@ async fn keep_cluster_connected(shared: Arc<Shared>) {
         } else {
             // Notice a departure even while no client is connected.
             let gone = shared.cluster.borrow().as_ref().is_some_and(|(l, _)| l.peer_closed());
-            let idle = shared.busy.lock().map(|b| b.is_none()).unwrap_or(false);
+            let idle = shared.serving.borrow().is_none();
             if gone && idle {
                 warn!("server-cluster went away; waiting for it to come back");
                 shared.cluster.send_replace(None);
@@ -179,15 +179,7 @@ async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) -> Result<
         }
     };
     // One client at a time.
-    let current = {
-        let mut busy = shared.busy.lock().map_err(|_| anyhow!("state lock poisoned"))?;
-        let current = *busy;
-        if current.is_none() {
-            *busy = Some(peer);
-        }
-        current
-    };
-    if let Some(current) = current {
+    if let Err(current) = claim_slot(&shared, peer).await {
         info!("refusing {peer}: already serving {current}");
         return refuse(
             &mut control,
@@ -196,11 +188,43 @@ async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) -> Result<
         .await;
     }
     let result = serve_session(&shared, &mut control, peer).await;
-    if let Ok(mut b) = shared.busy.lock() {
-        *b = None;
-    }
+    shared.serving.send_replace(None);
     let _ = control.shutdown().await;
     result
+}
+
+/// How long a new client waits for the slot of a session that is ending: a
+/// client restarted at once must not be refused only because the old
+/// session's teardown has not run yet.
+const SLOT_GRACE: Duration = Duration::from_secs(2);
+
+/// Takes the one client slot for `peer`, waiting up to [`SLOT_GRACE`] for it
+/// to free; on refusal returns the client being served.
+async fn claim_slot(shared: &Shared, peer: SocketAddr) -> Result<(), SocketAddr> {
+    let mut freed = shared.serving.subscribe();
+    let deadline = tokio::time::Instant::now() + SLOT_GRACE;
+    loop {
+        let mut current = None;
+        shared.serving.send_if_modified(|slot| match *slot {
+            None => {
+                *slot = Some(peer);
+                true
+            }
+            Some(other) => {
+                current = Some(other);
+                false
+            }
+        });
+        let Some(current) = current else { return Ok(()) };
+        // The borrow `wait_for` returns ends with this statement.
+        let freed_in_time = matches!(
+            tokio::time::timeout_at(deadline, freed.wait_for(Option::is_none)).await,
+            Ok(Ok(_))
+        );
+        if !freed_in_time {
+            return Err(current);
+        }
+    }
 }
 
 async fn serve_session(

@@ -256,17 +256,8 @@ impl DtlsSession {
         let mut outbox = PacketBatch::new();
         let io_err = |e: io::Error| DtlsError::Other(e.to_string());
         loop {
-            let result = self.stream.do_handshake();
-            self.take_outbound(&mut outbox);
-            if !outbox.is_empty() {
-                let dest = if self.role == Role::Server { bound } else { None };
-                sys::send_batch(fd, &outbox, dest).map_err(io_err)?;
-                outbox.clear();
-            }
-            match result {
-                Ok(()) => return Ok(bound),
-                Err(e) if e.code() == ErrorCode::WANT_READ || e.code() == ErrorCode::WANT_WRITE => {}
-                Err(e) => return Err(self.classify(e)),
+            if self.advance(fd, bound, &mut outbox)? {
+                return Ok(bound);
             }
             // Wait for the next datagram; OpenSSL retransmits on its own timer
             // whenever do_handshake runs after the timer expired.
@@ -307,23 +298,31 @@ impl DtlsSession {
                     self.feed(&mut inbox, i);
                     fed = true;
                     // Let OpenSSL consume this datagram before the next one.
-                    let r = self.stream.do_handshake();
-                    self.take_outbound(&mut outbox);
-                    if !outbox.is_empty() {
-                        let dest = if self.role == Role::Server { bound } else { None };
-                        sys::send_batch(fd, &outbox, dest).map_err(io_err)?;
-                        outbox.clear();
-                    }
-                    match r {
-                        Ok(()) => return Ok(bound),
-                        Err(e) if e.code() == ErrorCode::WANT_READ || e.code() == ErrorCode::WANT_WRITE => {}
-                        Err(e) => return Err(self.classify(e)),
+                    if self.advance(fd, bound, &mut outbox)? {
+                        return Ok(bound);
                     }
                 }
                 if fed {
                     break;
                 }
             }
+        }
+    }
+
+    /// Runs the handshake as far as it goes with what OpenSSL has, and sends
+    /// what it wrote (to `bound` on the server). Returns whether it is done.
+    fn advance(&mut self, fd: RawFd, bound: Option<SocketAddr>, outbox: &mut PacketBatch) -> Result<bool, DtlsError> {
+        let result = self.stream.do_handshake();
+        self.take_outbound(outbox);
+        if !outbox.is_empty() {
+            let dest = if self.role == Role::Server { bound } else { None };
+            sys::send_batch(fd, outbox, dest).map_err(|e| DtlsError::Other(e.to_string()))?;
+            outbox.clear();
+        }
+        match result {
+            Ok(()) => Ok(true),
+            Err(e) if e.code() == ErrorCode::WANT_READ || e.code() == ErrorCode::WANT_WRITE => Ok(false),
+            Err(e) => Err(self.classify(e)),
         }
     }
 
