@@ -10,6 +10,7 @@ mod kind;
 mod kubeapi;
 mod laptop;
 mod netns;
+mod peers;
 mod report;
 mod scenario;
 
@@ -65,6 +66,10 @@ enum Cmd {
         /// Runs per path; medians are reported.
         #[arg(long, default_value_t = 3)]
         runs: u32,
+        /// Peer VPNs measured beside teletun, comma-separated, or `none`
+        /// (known: socat-dtls, openvpn; one not installed is reported, not measured).
+        #[arg(long, value_delimiter = ',', default_value = "socat-dtls,openvpn")]
+        peers: Vec<String>,
     },
     /// Helpers that run inside namespaces (used by the testbench itself).
     #[command(hide = true, subcommand)]
@@ -282,11 +287,19 @@ fn main() -> ExitCode {
                 let teletun = find_teletun(cli.teletun)?;
                 run_scenarios(&teletun, &out, files, Selection { filter, resolvconf })
             }
-            Cmd::Bench { seconds, runs } => {
+            Cmd::Bench { seconds, runs, peers } => {
+                let peers = match peers.as_slice() {
+                    [none] if none == "none" => Vec::new(),
+                    names => names.iter().map(|n| peers::Peer::parse(n)).collect::<Result<_>>()?,
+                };
                 preflight(true)?;
                 netns::remove_stale();
                 let teletun = find_teletun(cli.teletun)?;
-                let results = bench::run(&teletun, &out.join("runs"), &bench::BenchOptions { seconds, runs })?;
+                let results = bench::run(
+                    &teletun,
+                    &out.join("runs"),
+                    &bench::BenchOptions { seconds, runs, peers },
+                )?;
                 print!("{}", bench::table(&results));
                 std::fs::create_dir_all(&out)?;
                 let path = out.join("bench.json");
