@@ -67,8 +67,8 @@ enum Cmd {
         #[arg(long, default_value_t = 3)]
         runs: u32,
         /// Peer VPNs measured beside teletun, comma-separated, or `none`
-        /// (known: socat-dtls, openvpn; one not installed is reported, not measured).
-        #[arg(long, value_delimiter = ',', default_value = "socat-dtls,openvpn")]
+        /// (known: socat-dtls, openvpn, wireguard-go; one not installed is reported, not measured).
+        #[arg(long, value_delimiter = ',', default_value = "socat-dtls,openvpn,wireguard-go")]
         peers: Vec<String>,
     },
     /// Helpers that run inside namespaces (used by the testbench itself).
