@@ -48,8 +48,56 @@ struct Shared {
     config: ServerExternalConfig,
     udp: Arc<socket2::Socket>,
     /// The client being served, if any.
-    serving: watch::Sender<Option<SocketAddr>>,
+    serving: ClientSlot,
     cluster: watch::Sender<ClusterState>,
+}
+
+/// How long a new client waits for the slot of a session that is ending: a
+/// client restarted at once must not be refused only because the old
+/// session's teardown has not run yet.
+const SLOT_GRACE: Duration = Duration::from_secs(2);
+
+/// The one client slot: who is being served, if anyone.
+#[derive(Default)]
+struct ClientSlot(watch::Sender<Option<SocketAddr>>);
+
+impl ClientSlot {
+    fn is_free(&self) -> bool {
+        self.0.borrow().is_none()
+    }
+
+    /// Takes the slot for `peer`, waiting up to `grace` for it to free; on
+    /// refusal returns the client being served.
+    async fn claim(&self, peer: SocketAddr, grace: Duration) -> Result<(), SocketAddr> {
+        let mut freed = self.0.subscribe();
+        let deadline = tokio::time::Instant::now() + grace;
+        loop {
+            let mut current = None;
+            self.0.send_if_modified(|slot| match *slot {
+                None => {
+                    *slot = Some(peer);
+                    true
+                }
+                Some(other) => {
+                    current = Some(other);
+                    false
+                }
+            });
+            let Some(current) = current else { return Ok(()) };
+            // The borrow `wait_for` returns ends with this statement.
+            let freed_in_time = matches!(
+                tokio::time::timeout_at(deadline, freed.wait_for(Option::is_none)).await,
+                Ok(Ok(_))
+            );
+            if !freed_in_time {
+                return Err(current);
+            }
+        }
+    }
+
+    fn release(&self) {
+        self.0.send_replace(None);
+    }
 }
 
 /// Runs until SIGINT or SIGTERM.
@@ -67,7 +115,7 @@ pub async fn run(config: ServerExternalConfig) -> Result<()> {
     let shared = Arc::new(Shared {
         config,
         udp,
-        serving: watch::Sender::new(None),
+        serving: ClientSlot::default(),
         cluster,
     });
     tokio::spawn(keep_cluster_connected(shared.clone()));
@@ -119,7 +167,7 @@ async fn keep_cluster_connected(shared: Arc<Shared>) {
         } else {
             // Notice a departure even while no client is connected.
             let gone = shared.cluster.borrow().as_ref().is_some_and(|(l, _)| l.peer_closed());
-            let idle = shared.serving.borrow().is_none();
+            let idle = shared.serving.is_free();
             if gone && idle {
                 warn!("server-cluster went away; waiting for it to come back");
                 shared.cluster.send_replace(None);
@@ -179,7 +227,7 @@ async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) -> Result<
         }
     };
     // One client at a time.
-    if let Err(current) = claim_slot(&shared, peer).await {
+    if let Err(current) = shared.serving.claim(peer, SLOT_GRACE).await {
         info!("refusing {peer}: already serving {current}");
         return refuse(
             &mut control,
@@ -188,43 +236,9 @@ async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) -> Result<
         .await;
     }
     let result = serve_session(&shared, &mut control, peer).await;
-    shared.serving.send_replace(None);
+    shared.serving.release();
     let _ = control.shutdown().await;
     result
-}
-
-/// How long a new client waits for the slot of a session that is ending: a
-/// client restarted at once must not be refused only because the old
-/// session's teardown has not run yet.
-const SLOT_GRACE: Duration = Duration::from_secs(2);
-
-/// Takes the one client slot for `peer`, waiting up to [`SLOT_GRACE`] for it
-/// to free; on refusal returns the client being served.
-async fn claim_slot(shared: &Shared, peer: SocketAddr) -> Result<(), SocketAddr> {
-    let mut freed = shared.serving.subscribe();
-    let deadline = tokio::time::Instant::now() + SLOT_GRACE;
-    loop {
-        let mut current = None;
-        shared.serving.send_if_modified(|slot| match *slot {
-            None => {
-                *slot = Some(peer);
-                true
-            }
-            Some(other) => {
-                current = Some(other);
-                false
-            }
-        });
-        let Some(current) = current else { return Ok(()) };
-        // The borrow `wait_for` returns ends with this statement.
-        let freed_in_time = matches!(
-            tokio::time::timeout_at(deadline, freed.wait_for(Option::is_none)).await,
-            Ok(Ok(_))
-        );
-        if !freed_in_time {
-            return Err(current);
-        }
-    }
 }
 
 async fn serve_session(
@@ -318,4 +332,39 @@ async fn serve_session(
     );
     tokio::task::spawn_blocking(move || plane.stop()).await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr(port: u16) -> SocketAddr {
+        SocketAddr::from(([192, 0, 2, 1], port))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_second_client_is_refused_after_the_grace_while_the_first_is_served() {
+        let slot = ClientSlot::default();
+        slot.claim(addr(1), SLOT_GRACE).await.unwrap();
+        let started = tokio::time::Instant::now();
+        assert_eq!(slot.claim(addr(2), SLOT_GRACE).await, Err(addr(1)));
+        assert_eq!(started.elapsed(), SLOT_GRACE);
+        assert!(!slot.is_free());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_gets_a_slot_freed_within_the_grace() {
+        let slot = Arc::new(ClientSlot::default());
+        slot.claim(addr(1), SLOT_GRACE).await.unwrap();
+        let ending = slot.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(SLOT_GRACE / 4).await;
+            ending.release();
+        });
+        assert_eq!(slot.claim(addr(2), SLOT_GRACE).await, Ok(()));
+        // Now it is the second client's, and a third waits for it.
+        assert_eq!(slot.claim(addr(3), Duration::ZERO).await, Err(addr(2)));
+        slot.release();
+        assert!(slot.is_free());
+    }
 }
