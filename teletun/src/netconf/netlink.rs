@@ -81,6 +81,20 @@ impl Netlink {
         }
     }
 
+    /// Caps how many segments the kernel puts into one GSO packet for
+    /// interface `index` (a TSO packet read from a TUN is split into that many).
+    pub async fn set_gso_max_segments(&self, index: u32, segments: u32) -> Result<()> {
+        let mut msg = rtnetlink::LinkUnspec::new_with_index(index).build();
+        msg.attributes
+            .push(rtnetlink::packet_route::link::LinkAttribute::GsoMaxSegs(segments));
+        self.handle
+            .link()
+            .set(msg)
+            .execute()
+            .await
+            .with_context(|| format!("cannot set gso_max_segs {segments} on interface {index}"))
+    }
+
     /// Adds `address/prefix` to interface `index`. IPv6 addresses skip duplicate
     /// address detection so they are usable at once.
     pub async fn add_address(&self, index: u32, address: IpAddr, prefix: u8) -> Result<()> {

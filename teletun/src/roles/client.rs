@@ -432,6 +432,11 @@ async fn establish(
 async fn add_addresses(hello: &Hello, tun: &Tun) -> Result<()> {
     let netlink = Netlink::connect()?;
     let index = tun.index()?;
+    if tun.offload() {
+        netlink
+            .set_gso_max_segments(index, Tun::MAX_GSO_SEGMENTS as u32)
+            .await?;
+    }
     for &address in &hello.addresses {
         let prefix = if address.is_ipv4() { 32 } else { 128 };
         netlink.add_address(index, address, prefix).await?;

@@ -316,6 +316,11 @@ pub async fn run(config: ServerClusterConfig) -> Result<()> {
         .unwrap_or(1280),
     };
     let tun = Arc::new(Tun::create("teletun%d", mtu)?);
+    if tun.offload() {
+        netlink
+            .set_gso_max_segments(tun.index()?, Tun::MAX_GSO_SEGMENTS as u32)
+            .await?;
+    }
     let takeover = Takeover {
         netlink,
         state: std::sync::Mutex::new(TakeoverState {
