@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use tracing::{info, warn};
 
 use crate::netconf::netlink::Netlink;
@@ -110,14 +110,31 @@ impl Guard {
     fn say(&mut self, line: &str) -> Result<()> {
         use std::io::Write;
         let pipe = self.pipe.as_mut().context("the guard pipe is closed")?;
-        writeln!(pipe, "{line}")
-            .and_then(|_| pipe.flush())
-            .context("the cleanup guard process is gone")
+        if let Err(e) = writeln!(pipe, "{line}").and_then(|_| pipe.flush()) {
+            let status = match self.child.try_wait() {
+                Ok(Some(status)) => status.to_string(),
+                Ok(None) => "still running".to_string(),
+                Err(e) => format!("unknown: {e}"),
+            };
+            bail!(
+                "the cleanup guard process (pid {}) is gone ({status}): {e}",
+                self.child.id()
+            );
+        }
+        Ok(())
     }
 
-    /// Tells the guard which record to undo if the client dies.
+    /// Tells the guard which record to undo if the client dies. A guard that
+    /// died before hearing it is replaced once (with a warning): the record is
+    /// what it would protect, so a fresh guard protects it as well.
     pub fn watch(&mut self, record: &std::path::Path) -> Result<()> {
-        self.say(&format!("record {}", record.display()))
+        let line = format!("record {}", record.display());
+        if let Err(e) = self.say(&line) {
+            warn!("{e:#}; starting a new cleanup guard");
+            *self = Guard::start()?;
+            self.say(&line)?;
+        }
+        Ok(())
     }
 
     /// Tells the guard the client cleaned up itself, and waits for it to exit.
@@ -131,6 +148,19 @@ impl Guard {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_dead_guard_is_reported_with_its_exit_status() {
+        let mut child = Command::new("true").stdin(Stdio::piped()).spawn().unwrap();
+        let pipe = child.stdin.take();
+        let mut guard = Guard { child, pipe };
+        // Wait for it to exit, so the pipe has no reader.
+        while guard.child.try_wait().unwrap().is_none() {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let e = guard.say("record /run/teletun/tel0.json").unwrap_err().to_string();
+        assert!(e.contains("is gone (exit status: 0)"), "{e}");
+    }
 
     #[test]
     fn reads_the_record_and_done() {
