@@ -202,16 +202,22 @@ impl Background {
         }
     }
 
-    /// Sends `signal` to the process.
-    pub fn signal(&self, signal: libc::c_int) {
-        // SAFETY: kill(2) on our own child's pid.
-        unsafe { libc::kill(self.child.id() as libc::pid_t, signal) };
+    /// Sends `signal` to the process, unless it has already been reaped: its
+    /// pid may belong to another process by now (pids wrap quickly here).
+    pub fn signal(&mut self, signal: libc::c_int) {
+        if let Ok(None) = self.child.try_wait() {
+            // SAFETY: kill(2) on our own child's pid, which is not yet reaped.
+            unsafe { libc::kill(self.child.id() as libc::pid_t, signal) };
+        }
     }
 
-    /// Sends `signal` to the process's whole process group.
-    pub fn signal_group(&self, signal: libc::c_int) {
-        // SAFETY: kill(2) on the process group our child leads.
-        unsafe { libc::kill(-(self.child.id() as libc::pid_t), signal) };
+    /// Sends `signal` to the process's whole process group, unless the process
+    /// has already been reaped (then the group id may be someone else's).
+    pub fn signal_group(&mut self, signal: libc::c_int) {
+        if let Ok(None) = self.child.try_wait() {
+            // SAFETY: kill(2) on the process group our unreaped child leads.
+            unsafe { libc::kill(-(self.child.id() as libc::pid_t), signal) };
+        }
     }
 
     /// Waits for exit up to `timeout` (then kills it).

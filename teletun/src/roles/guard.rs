@@ -92,12 +92,17 @@ impl Guard {
         let exe = std::env::current_exe().context("cannot find the teletun executable for the guard")?;
         let mut cmd = Command::new(exe);
         cmd.arg("guard").stdin(Stdio::piped()).stdout(Stdio::null());
-        // SAFETY: setsid is async-signal-safe; it detaches the guard from the
-        // client's session and process group.
+        // SAFETY: setsid and signal are async-signal-safe. setsid detaches the
+        // guard from the client's session and process group; ignored signals
+        // stay ignored across exec, so the guard is immune from its first
+        // instruction, not only once `run` has set the same.
         unsafe {
             cmd.pre_exec(|| {
                 if libc::setsid() < 0 {
                     return Err(std::io::Error::last_os_error());
+                }
+                for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+                    libc::signal(sig, libc::SIG_IGN);
                 }
                 Ok(())
             });
