@@ -108,11 +108,36 @@ pub fn run(cmd: Command, timeout: Duration) -> Result<String> {
     Ok(out.stdout)
 }
 
+/// The prefix of the scratch directories of commands run by this process.
+const SCRATCH_PREFIX: &str = "testbench-cmd-";
+
+/// Removes the command scratch directories of testbench processes that no
+/// longer run (a killed run leaves the one it was using).
+pub fn remove_stale_scratch() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(SCRATCH_PREFIX))
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|pid| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
 fn scratch_dir() -> Result<PathBuf> {
     use std::sync::atomic::AtomicU64;
     static N: AtomicU64 = AtomicU64::new(0);
     let d = std::env::temp_dir().join(format!(
-        "testbench-cmd-{}-{}",
+        "{SCRATCH_PREFIX}{}-{}",
         std::process::id(),
         N.fetch_add(1, Ordering::Relaxed)
     ));
@@ -244,4 +269,25 @@ impl Drop for Background {
 pub fn last_lines(text: &str, n: usize) -> String {
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(n)..].join(" | ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stale_scratch_goes_and_live_scratch_stays() {
+        // No process can have a pid above the kernel's limit (at most 2^22).
+        let dead = std::env::temp_dir().join(format!("{SCRATCH_PREFIX}4294967295-0"));
+        let live = std::env::temp_dir().join(format!("{SCRATCH_PREFIX}{}-test-live", std::process::id()));
+        for d in [&dead, &live] {
+            std::fs::create_dir_all(d).unwrap();
+            std::fs::write(d.join("out"), "x").unwrap();
+        }
+        remove_stale_scratch();
+        let (dead_gone, live_kept) = (!dead.exists(), live.exists());
+        let _ = std::fs::remove_dir_all(&live);
+        assert!(dead_gone, "a dead run's scratch is removed");
+        assert!(live_kept, "a running process's scratch stays");
+    }
 }

@@ -96,8 +96,10 @@ pub fn veth(a: &Netns, a_name: &str, b: &Netns, b_name: &str) -> Result<()> {
 }
 
 /// Namespaces whose names say they belong to a testbench process that no
-/// longer runs (`tt<pid>-…`): left by a killed run. Deleted on start.
+/// longer runs (`tt<pid>-…`), and such a process's command scratch
+/// directories: left by a killed run. Deleted on start.
 pub fn remove_stale() {
+    exec::remove_stale_scratch();
     let Ok(list) = exec::run(ip_cmd(&["netns", "list"]), CMD_TIMEOUT) else {
         return;
     };
