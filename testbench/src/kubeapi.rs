@@ -25,6 +25,8 @@ use hyper::{Request, Response, StatusCode};
 use serde_json::{json, Value};
 use tokio::sync::broadcast;
 
+use crate::pki;
+
 /// The port the API listens on.
 pub const API_PORT: u16 = 6443;
 /// How many events are kept for watches; older resourceVersions get 410 Gone.
@@ -135,59 +137,12 @@ struct Tls {
 
 /// A CA and a server certificate for `ip`, signed by it.
 fn make_tls(ip: IpAddr) -> Result<Tls> {
-    use openssl::asn1::Asn1Time;
-    use openssl::bn::{BigNum, MsbOption};
-    use openssl::ec::{EcGroup, EcKey};
-    use openssl::hash::MessageDigest;
-    use openssl::nid::Nid;
-    use openssl::pkey::PKey;
-    use openssl::x509::extension::{BasicConstraints, SubjectAlternativeName};
-    use openssl::x509::{X509Name, X509};
-    let group = EcGroup::from_curve_name(Nid::X9_62_PRIME256V1)?;
-    let new_key = || -> Result<PKey<openssl::pkey::Private>> { Ok(PKey::from_ec_key(EcKey::generate(&group)?)?) };
-    let name = |cn: &str| -> Result<X509Name> {
-        let mut n = X509Name::builder()?;
-        n.append_entry_by_nid(Nid::COMMONNAME, cn)?;
-        Ok(n.build())
-    };
-    let serial = || -> Result<openssl::asn1::Asn1Integer> {
-        let mut bn = BigNum::new()?;
-        bn.rand(64, MsbOption::MAYBE_ZERO, false)?;
-        Ok(bn.to_asn1_integer()?)
-    };
-    let (not_before, not_after) = (Asn1Time::days_from_now(0)?, Asn1Time::days_from_now(7)?);
-    let ca_key = new_key()?;
-    let mut ca = X509::builder()?;
-    ca.set_version(2)?;
-    let (ca_serial, ca_name) = (serial()?, name("testbench cluster CA")?);
-    ca.set_serial_number(&ca_serial)?;
-    ca.set_subject_name(&ca_name)?;
-    ca.set_issuer_name(&ca_name)?;
-    ca.set_pubkey(&ca_key)?;
-    ca.set_not_before(&not_before)?;
-    ca.set_not_after(&not_after)?;
-    ca.append_extension(BasicConstraints::new().critical().ca().build()?)?;
-    ca.sign(&ca_key, MessageDigest::sha256())?;
-    let ca = ca.build();
-    let key = new_key()?;
-    let mut cert = X509::builder()?;
-    cert.set_version(2)?;
-    let (cert_serial, cert_name) = (serial()?, name("kube-apiserver")?);
-    cert.set_serial_number(&cert_serial)?;
-    cert.set_subject_name(&cert_name)?;
-    cert.set_issuer_name(ca.subject_name())?;
-    cert.set_pubkey(&key)?;
-    cert.set_not_before(&not_before)?;
-    cert.set_not_after(&not_after)?;
-    let san = SubjectAlternativeName::new()
-        .ip(&ip.to_string())
-        .build(&cert.x509v3_context(Some(&ca), None))?;
-    cert.append_extension(san)?;
-    cert.sign(&ca_key, MessageDigest::sha256())?;
+    let ca = pki::issue("testbench cluster CA", None, true, None)?;
+    let server = pki::issue("kube-apiserver", Some(&ca), false, Some(ip))?;
     Ok(Tls {
-        ca_pem: ca.to_pem()?,
-        cert: cert.build().to_der()?,
-        key: key.private_key_to_pkcs8()?,
+        ca_pem: ca.cert.to_pem()?,
+        cert: server.cert.to_der()?,
+        key: server.key.private_key_to_pkcs8()?,
     })
 }
 

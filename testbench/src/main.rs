@@ -11,6 +11,7 @@ mod kubeapi;
 mod laptop;
 mod netns;
 mod peers;
+mod pki;
 mod report;
 mod scenario;
 

@@ -405,25 +405,15 @@ struct Certificates {
 }
 
 impl Certificates {
+    /// Self-signed certificates for laptop and node, written as PEM to `dir`.
     fn create(dir: &Path) -> Result<Certificates> {
         let make = |name: &str| -> Result<(String, String)> {
+            let issued = crate::pki::issue(name, None, true, None)?;
             let crt = dir.join(format!("{name}.crt"));
             let key = dir.join(format!("{name}.key"));
-            let mut c = Command::new("openssl");
-            c.args([
-                "req",
-                "-x509",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:prime256v1",
-            ])
-            .args(["-nodes", "-days", "1", "-subj", &format!("/CN={name}")])
-            .arg("-keyout")
-            .arg(&key)
-            .arg("-out")
-            .arg(&crt);
-            exec::run(c, Duration::from_secs(10)).context("cannot make a certificate with openssl")?;
+            std::fs::write(&crt, issued.cert.to_pem()?).with_context(|| format!("cannot write {}", crt.display()))?;
+            std::fs::write(&key, issued.key.private_key_to_pem_pkcs8()?)
+                .with_context(|| format!("cannot write {}", key.display()))?;
             Ok((crt.display().to_string(), key.display().to_string()))
         };
         let (laptop_crt, laptop_key) = make("laptop")?;
