@@ -64,7 +64,8 @@ impl Tun {
         self.offload
     }
 
-    /// Offloaded reads dropped because they could not be split.
+    /// Offloaded reads dropped because they could not be split (reported in
+    /// the session summaries as malformed TSO reads).
     pub fn unsplittable(&self) -> u64 {
         self.unsplittable.load(std::sync::atomic::Ordering::Relaxed)
     }

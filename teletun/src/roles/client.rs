@@ -292,9 +292,10 @@ async fn session(
     };
     link.close();
     info!(
-        "session ends; to server: {}; from server: {}",
+        "session ends; to server: {}; from server: {}; {} malformed TSO reads",
         plane.outbound.summary(),
-        plane.inbound.summary()
+        plane.inbound.summary(),
+        changes.tun.as_ref().map_or(0, |t| t.unsplittable())
     );
     tokio::task::spawn_blocking(move || plane.stop()).await?;
     if matches!(end, End::Signal(_)) {

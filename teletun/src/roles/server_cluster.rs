@@ -403,9 +403,10 @@ async fn serve(listener: socket2::Socket, tun: &Arc<Tun>, greeting: &[u8]) -> Re
             _ = sigterm.recv() => true,
         };
         info!(
-            "to server-external: {}; from server-external: {}",
+            "to server-external: {}; from server-external: {}; {} malformed TSO reads",
             plane.outbound.summary(),
-            plane.inbound.summary()
+            plane.inbound.summary(),
+            tun.unsplittable()
         );
         tokio::task::spawn_blocking(move || plane.stop()).await?;
         if stop {
