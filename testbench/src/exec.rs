@@ -150,8 +150,30 @@ pub fn wait_timeout(child: &mut Child, timeout: Duration) -> Result<ExitStatus> 
     wait(child, timeout, true)
 }
 
+/// Sleeps that start at 1 ms and double up to `max`: a quick command costs a
+/// millisecond or two of waiting, a slow one a few wake-ups a second.
+struct Backoff {
+    next: Duration,
+    max: Duration,
+}
+
+impl Backoff {
+    fn new(max: Duration) -> Backoff {
+        Backoff {
+            next: Duration::from_millis(1),
+            max,
+        }
+    }
+
+    fn sleep(&mut self) {
+        std::thread::sleep(self.next);
+        self.next = (self.next * 2).min(self.max);
+    }
+}
+
 fn wait(child: &mut Child, timeout: Duration, interruptible: bool) -> Result<ExitStatus> {
     let deadline = Instant::now() + timeout;
+    let mut backoff = Backoff::new(Duration::from_millis(10));
     loop {
         if let Some(status) = child.try_wait()? {
             return Ok(status);
@@ -165,7 +187,7 @@ fn wait(child: &mut Child, timeout: Duration, interruptible: bool) -> Result<Exi
             }
             bail!("timed out after {timeout:?}");
         }
-        std::thread::sleep(Duration::from_millis(10));
+        backoff.sleep();
     }
 }
 
@@ -204,6 +226,7 @@ impl Background {
     /// or `timeout` passes.
     pub fn wait_for_log(&mut self, needle: &str, timeout: Duration) -> Result<()> {
         let deadline = Instant::now() + timeout;
+        let mut backoff = Backoff::new(Duration::from_millis(20));
         loop {
             if self.log_text().contains(needle) {
                 return Ok(());
@@ -223,7 +246,7 @@ impl Background {
                     last_lines(&self.log_text(), 5)
                 );
             }
-            std::thread::sleep(Duration::from_millis(20));
+            backoff.sleep();
         }
     }
 

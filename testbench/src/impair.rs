@@ -16,7 +16,7 @@ use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
 /// What to do to packets. Percentages are per packet.
-#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize, clap::Args)]
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize, clap::Args, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Impairment {
     /// Fixed delay, ms.
@@ -55,7 +55,7 @@ pub struct Impairment {
 }
 
 /// Where packets are impaired.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Backend {
     /// `testbench agent impair` behind a TUN device in the router.
@@ -77,6 +77,31 @@ impl Impairment {
             || self.reorder_percent > 0.0
             || self.loss_percent > 0.0
             || self.duplicate_percent > 0.0
+    }
+
+    /// What is out of range in this profile: shares must be 0 to 100 %,
+    /// times and rates not negative.
+    pub fn out_of_range(&self) -> Vec<String> {
+        let mut wrong = Vec::new();
+        for (name, v) in [
+            ("reorder_percent", self.reorder_percent),
+            ("loss_percent", self.loss_percent),
+            ("duplicate_percent", self.duplicate_percent),
+        ] {
+            if !(0.0..=100.0).contains(&v) {
+                wrong.push(format!("{name} = {v} is out of range; the allowed values are 0 to 100"));
+            }
+        }
+        for (name, v) in [
+            ("delay_ms", self.delay_ms),
+            ("jitter_ms", self.jitter_ms),
+            ("rate_mbit", self.rate_mbit),
+        ] {
+            if !(v >= 0.0 && v.is_finite()) {
+                wrong.push(format!("{name} = {v} is out of range; it must be 0 or more"));
+            }
+        }
+        wrong
     }
 
     /// The `tc qdisc replace dev DEV root …` arguments for the netem backend.

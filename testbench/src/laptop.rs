@@ -10,50 +10,112 @@ use anyhow::{bail, Context, Result};
 
 use crate::exec;
 use crate::netns::{Netns, CMD_TIMEOUT};
+use crate::topology::DnsManager;
 
 /// Where downloaded packages are cached between runs.
 pub fn cache_dir() -> PathBuf {
     std::env::var_os("TESTBENCH_CACHE").map_or_else(|| PathBuf::from("/var/cache/teletun-testbench"), PathBuf::from)
 }
 
-/// Downloads and unpacks a Debian package once (at `version`, or the
-/// archive's candidate); returns the unpacked tree.
-pub fn debian_package(name: &str, version: Option<&str>) -> Result<PathBuf> {
-    let root = cache_dir().join(match version {
-        Some(v) => format!("{name}_{}", v.replace([':', '~', '+'], "_")),
-        None => name.to_owned(),
-    });
+/// A directory under the cache made once by `make` (which fills the path it
+/// is given); parallel runs wait for the one that makes it. Returns its path.
+fn cached(key: &str, make: impl FnOnce(&Path) -> Result<()>) -> Result<PathBuf> {
+    let root = cache_dir().join(key);
     let tree = root.join("tree");
     std::fs::create_dir_all(&root).with_context(|| format!("cannot create {}", root.display()))?;
-    // Parallel runs share the cache: one downloads, the others wait.
     let lock = std::fs::File::create(root.join(".lock"))?;
     // SAFETY: flock on a descriptor we own; released when `lock` is dropped.
     if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX) } != 0 {
         bail!("cannot lock {}: {}", root.display(), std::io::Error::last_os_error());
     }
-    if tree.join(".complete").exists() {
-        return Ok(tree);
+    if !tree.join(".complete").exists() {
+        let _ = std::fs::remove_dir_all(&tree);
+        make(&tree)?;
+        std::fs::write(tree.join(".complete"), b"")?;
     }
-    let spec = version.map_or_else(|| name.to_owned(), |v| format!("{name}={v}"));
-    eprintln!(
-        "testbench: downloading Debian package {spec} into {} (once)",
-        root.display()
-    );
-    let mut dl = Command::new("apt-get");
-    dl.args(["download", "-q", "-o", "APT::Sandbox::User=root", &spec])
-        .current_dir(&root);
-    exec::run(dl, std::time::Duration::from_secs(300))
-        .with_context(|| format!("cannot download the Debian package {spec}; run `apt-get update` first"))?;
-    let deb = std::fs::read_dir(&root)?
+    Ok(tree)
+}
+
+/// Downloads and unpacks a Debian package once (at `version`, or the
+/// archive's candidate); returns the unpacked tree.
+pub fn debian_package(name: &str, version: Option<&str>) -> Result<PathBuf> {
+    let key = match version {
+        Some(v) => format!("{name}_{}", v.replace([':', '~', '+'], "_")),
+        None => name.to_owned(),
+    };
+    cached(&key, |tree| {
+        let root = tree.parent().context("a cache entry has a parent")?;
+        let spec = version.map_or_else(|| name.to_owned(), |v| format!("{name}={v}"));
+        eprintln!(
+            "testbench: downloading Debian package {spec} into {} (once)",
+            root.display()
+        );
+        let mut dl = Command::new("apt-get");
+        dl.args(["download", "-q", "-o", "APT::Sandbox::User=root", &spec])
+            .current_dir(root);
+        exec::run(dl, std::time::Duration::from_secs(300))
+            .with_context(|| format!("cannot download the Debian package {spec}; run `apt-get update` first"))?;
+        let deb =
+            deb_in(root).with_context(|| format!("apt-get download {name} left no .deb in {}", root.display()))?;
+        let mut x = Command::new("dpkg");
+        x.arg("-x").arg(&deb).arg(tree);
+        exec::run(x, CMD_TIMEOUT).map(|_| ())
+    })
+}
+
+/// The downloaded .deb next to an unpacked package tree's directory.
+fn deb_in(root: &Path) -> Option<PathBuf> {
+    std::fs::read_dir(root)
+        .ok()?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .find(|p| p.extension().is_some_and(|x| x == "deb"))
-        .with_context(|| format!("apt-get download {name} left no .deb in {}", root.display()))?;
-    let _ = std::fs::remove_dir_all(&tree);
-    let mut x = Command::new("dpkg");
-    x.arg("-x").arg(&deb).arg(&tree);
-    exec::run(x, CMD_TIMEOUT)?;
-    std::fs::write(tree.join(".complete"), b"")?;
-    Ok(tree)
+}
+
+/// The read-only layers a laptop with `dns` mounts under its per-case upper
+/// layers, made once per set of packages: `usr/` (the packages' /usr, /sbin,
+/// /lib and /bin, merged under /usr) and `etc/` (the DNS manager's fixed
+/// configuration).
+fn laptop_layers(dns: DnsManager, packages: &[PathBuf]) -> Result<PathBuf> {
+    let debs: Vec<String> = packages
+        .iter()
+        .filter_map(|tree| deb_in(tree.parent()?))
+        .filter_map(|deb| Some(deb.file_stem()?.to_string_lossy().into_owned()))
+        .collect();
+    let key = format!("laptop-{dns}-{}", debs.join("+"));
+    cached(&key, |layers| {
+        let (usr, etc) = (layers.join("usr"), layers.join("etc"));
+        for tree in packages {
+            for (from, to) in [("usr", ""), ("sbin", "sbin"), ("lib", "lib"), ("bin", "bin")] {
+                if tree.join(from).is_dir() {
+                    copy_tree(&tree.join(from), &usr.join(to))?;
+                }
+            }
+        }
+        std::fs::create_dir_all(&etc)?;
+        let pkg = &packages[0];
+        match dns {
+            DnsManager::Debian => {
+                copy_tree(&pkg.join("etc/resolvconf"), &etc.join("resolvconf"))?;
+                std::os::unix::fs::symlink("../run/resolvconf/resolv.conf", etc.join("resolv.conf"))?;
+            }
+            DnsManager::Openresolv => {
+                std::fs::copy(pkg.join("etc/resolvconf.conf"), etc.join("resolvconf.conf"))?;
+                std::fs::write(etc.join("resolv.conf"), "# the laptop's resolv.conf before TeleTUN\n")?;
+            }
+            DnsManager::Resolved => {
+                // Only the running daemon may answer; no D-Bus activation.
+                let _ = std::fs::remove_file(usr.join("share/dbus-1/system-services/org.freedesktop.resolve1.service"));
+                std::fs::create_dir_all(etc.join("systemd"))?;
+                // LLMNR and mDNS would stall lookups for seconds here.
+                std::fs::write(
+                    etc.join("systemd/resolved.conf"),
+                    "[Resolve]\nLLMNR=no\nMulticastDNS=no\nDNSStubListener=yes\n",
+                )?;
+                std::os::unix::fs::symlink("../run/systemd/resolve/stub-resolv.conf", etc.join("resolv.conf"))?;
+            }
+        }
+        Ok(())
+    })
 }
 
 /// The laptop namespace pair.
@@ -72,17 +134,6 @@ fn copy_tree(from: &Path, to: &Path) -> Result<()> {
     let mut cp = Command::new("cp");
     cp.arg("-a").arg(format!("{}/.", from.display())).arg(to);
     exec::run(cp, CMD_TIMEOUT).map(|_| ())
-}
-
-/// Which DNS manager the laptop runs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum DnsVariant {
-    /// Debian's `resolvconf` package: `/etc/resolv.conf` → `/run/resolvconf/resolv.conf`.
-    Debian,
-    /// `openresolv`: writes `/etc/resolv.conf` itself.
-    Openresolv,
-    /// systemd-resolved on a private system D-Bus; `/etc/resolv.conf` → its stub.
-    Resolved,
 }
 
 fn installed_version(package: &str) -> Result<String> {
@@ -122,68 +173,31 @@ fn resolved_account(passwd: &str, group: &str) -> (String, String) {
     )
 }
 
-impl DnsVariant {
-    /// Parses the `[topology] resolvconf` value.
-    pub fn parse(name: &str) -> Result<DnsVariant> {
-        match name {
-            "debian" => Ok(DnsVariant::Debian),
-            "openresolv" => Ok(DnsVariant::Openresolv),
-            "systemd-resolved" => Ok(DnsVariant::Resolved),
-            other => bail!("unknown resolvconf variant {other:?}: use debian, openresolv or systemd-resolved"),
-        }
-    }
-
-    fn packages(self) -> Result<Vec<PathBuf>> {
-        match self {
-            DnsVariant::Debian => Ok(vec![debian_package("resolvconf", None)?]),
-            DnsVariant::Openresolv => Ok(vec![debian_package("openresolv", None)?]),
-            DnsVariant::Resolved => resolved_packages(),
-        }
+/// The unpacked Debian packages that make up `dns`.
+fn packages(dns: DnsManager) -> Result<Vec<PathBuf>> {
+    match dns {
+        DnsManager::Debian => Ok(vec![debian_package("resolvconf", None)?]),
+        DnsManager::Openresolv => Ok(vec![debian_package("openresolv", None)?]),
+        DnsManager::Resolved => resolved_packages(),
     }
 }
 
 impl Laptop {
     /// Sets up the mount namespace for `ns` with the chosen DNS manager in it.
-    pub fn create(ns: Netns, dir: &Path, variant: DnsVariant) -> Result<Laptop> {
-        let packages = variant.packages()?;
-        let pkg = &packages[0];
+    pub fn create(ns: Netns, dir: &Path, variant: DnsManager) -> Result<Laptop> {
+        let layers = laptop_layers(variant, &packages(variant)?)?;
         let root = dir.join("laptop-fs");
-        // Merged /usr: the packages' /sbin, /lib and /bin land under /usr.
-        let stage = root.join("stage");
-        for tree in &packages {
-            for (from, to) in [
-                ("usr", "usr"),
-                ("sbin", "usr/sbin"),
-                ("lib", "usr/lib"),
-                ("bin", "usr/bin"),
-            ] {
-                if tree.join(from).is_dir() {
-                    copy_tree(&tree.join(from), &stage.join(to))?;
-                }
-            }
-        }
         let etc_up = root.join("etc-upper");
-        std::fs::create_dir_all(&etc_up)?;
+        for d in ["etc-upper", "etc-work", "usr-upper", "usr-work"] {
+            std::fs::create_dir_all(root.join(d))?;
+        }
         let log = dir.join("systemd-resolved.log");
         let init = match variant {
-            DnsVariant::Debian => {
-                copy_tree(&pkg.join("etc/resolvconf"), &etc_up.join("resolvconf"))?;
-                std::os::unix::fs::symlink("../run/resolvconf/resolv.conf", etc_up.join("resolv.conf"))?;
+            DnsManager::Debian => {
                 "mkdir -p /run/resolvconf/interface\ntouch /run/resolvconf/enable-updates\nresolvconf -u\n".to_owned()
             }
-            DnsVariant::Openresolv => {
-                std::fs::copy(pkg.join("etc/resolvconf.conf"), etc_up.join("resolvconf.conf"))?;
-                std::fs::write(
-                    etc_up.join("resolv.conf"),
-                    "# the laptop's resolv.conf before TeleTUN\n",
-                )?;
-                "resolvconf -u\n".to_owned()
-            }
-            DnsVariant::Resolved => {
-                // Only the running daemon may answer; no D-Bus activation.
-                let _ = std::fs::remove_file(
-                    stage.join("usr/share/dbus-1/system-services/org.freedesktop.resolve1.service"),
-                );
+            DnsManager::Openresolv => "resolvconf -u\n".to_owned(),
+            DnsManager::Resolved => {
                 let (passwd, group) = (
                     std::fs::read_to_string("/etc/passwd")?,
                     std::fs::read_to_string("/etc/group")?,
@@ -193,27 +207,17 @@ impl Laptop {
                     std::fs::write(etc_up.join("passwd"), passwd + &user)?;
                     std::fs::write(etc_up.join("group"), group + &grp)?;
                 }
-                std::fs::create_dir_all(etc_up.join("systemd"))?;
-                // LLMNR and mDNS would stall lookups for seconds here.
-                std::fs::write(
-                    etc_up.join("systemd/resolved.conf"),
-                    "[Resolve]\nLLMNR=no\nMulticastDNS=no\nDNSStubListener=yes\n",
-                )?;
-                std::os::unix::fs::symlink("../run/systemd/resolve/stub-resolv.conf", etc_up.join("resolv.conf"))?;
                 format!(
                     "mkdir -p /run/dbus /run/systemd/resolve\n\
                      chown systemd-resolve:systemd-resolve /run/systemd/resolve\n\
                      dbus-daemon --system --fork --nopidfile\n\
                      setsid /lib/systemd/systemd-resolved >{log} 2>&1 < /dev/null &\n\
-                     for i in $(seq 100); do resolvectl status >/dev/null 2>&1 && break; sleep 0.05; done\n\
+                     for i in $(seq 500); do resolvectl status >/dev/null 2>&1 && break; sleep 0.01; done\n\
                      resolvectl status >/dev/null\n",
                     log = log.display()
                 )
             }
         };
-        for d in ["etc-work", "usr-upper", "usr-work"] {
-            std::fs::create_dir_all(root.join(d))?;
-        }
         let holder = root.join("ns");
         std::fs::create_dir_all(&holder)?;
         let laptop = Laptop {
@@ -223,19 +227,19 @@ impl Laptop {
             mounted: false.into(),
         };
         // A mount-namespace file can only be bound onto a private mount.
-        let h = holder.to_string_lossy().into_owned();
-        exec::run(cmd("mount", &["--bind", &h, &h]), CMD_TIMEOUT)?;
+        bind_private(&holder)?;
         laptop.mounted.store(true, std::sync::atomic::Ordering::Relaxed);
-        exec::run(cmd("mount", &["--make-private", &h]), CMD_TIMEOUT)?;
         std::fs::write(&laptop.mnt, b"")?;
-        let r = root.to_string_lossy();
+        let (r, l) = (root.to_string_lossy(), layers.to_string_lossy());
+        // Ends by printing what shows the DNS manager is in place.
         let setup = format!(
             "set -e\n\
              mount -t sysfs sysfs /sys\n\
              mount -t tmpfs -o mode=755 tmpfs /run\n\
-             mount -t overlay overlay -o lowerdir=/etc,upperdir={r}/etc-upper,workdir={r}/etc-work /etc\n\
-             mount -t overlay overlay -o lowerdir={r}/stage/usr:/usr,upperdir={r}/usr-upper,workdir={r}/usr-work /usr\n\
-             {init}"
+             mount -t overlay overlay -o lowerdir={l}/etc:/etc,upperdir={r}/etc-upper,workdir={r}/etc-work /etc\n\
+             mount -t overlay overlay -o lowerdir={l}/usr:/usr,upperdir={r}/usr-upper,workdir={r}/usr-work /usr\n\
+             {init}\
+             set +e; command -v resolvconf; readlink /etc/resolv.conf; resolvconf --version 2>&1 | head -1; true\n"
         );
         let mut c = Command::new("unshare");
         c.arg(format!("--mount={}", laptop.mnt.display()))
@@ -243,16 +247,14 @@ impl Laptop {
             .arg("nsenter")
             .arg(format!("--net={}", laptop.ns.path().display()))
             .args(["sh", "-c", &setup]);
-        exec::run(c, CMD_TIMEOUT).context("cannot set up the laptop's private /etc, /usr and /run")?;
-        let probe = laptop
-            .run_sh("command -v resolvconf; readlink /etc/resolv.conf; resolvconf --version 2>&1 | head -1; true")?;
+        let probe = exec::run(c, CMD_TIMEOUT).context("cannot set up the laptop's private /etc, /usr and /run")?;
         let ok = match variant {
-            DnsVariant::Debian => probe.contains("/run/resolvconf/resolv.conf"),
-            DnsVariant::Openresolv => probe.contains("openresolv"),
-            DnsVariant::Resolved => probe.contains("stub-resolv.conf"),
+            DnsManager::Debian => probe.contains("/run/resolvconf/resolv.conf"),
+            DnsManager::Openresolv => probe.contains("openresolv"),
+            DnsManager::Resolved => probe.contains("stub-resolv.conf"),
         };
         if !ok {
-            bail!("the laptop's DNS manager ({variant:?}) is not in place: {probe}");
+            bail!("the laptop's DNS manager ({variant}) is not in place: {probe}");
         }
         Ok(laptop)
     }
@@ -303,6 +305,46 @@ impl Drop for Laptop {
     fn drop(&mut self) {
         self.teardown();
     }
+}
+
+/// Bind-mounts `dir` onto itself and makes it a private mount (where a
+/// mount-namespace file may be bound).
+fn bind_private(dir: &Path) -> Result<()> {
+    let c = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())?;
+    // SAFETY: mount(2) with valid NUL-terminated paths and no data.
+    let bound = unsafe {
+        libc::mount(
+            c.as_ptr(),
+            c.as_ptr(),
+            std::ptr::null(),
+            libc::MS_BIND,
+            std::ptr::null(),
+        )
+    };
+    if bound != 0 {
+        bail!(
+            "cannot bind {} onto itself: {}",
+            dir.display(),
+            std::io::Error::last_os_error()
+        );
+    }
+    // SAFETY: as above; MS_PRIVATE changes only the propagation of this mount.
+    let private = unsafe {
+        libc::mount(
+            std::ptr::null(),
+            c.as_ptr(),
+            std::ptr::null(),
+            libc::MS_PRIVATE,
+            std::ptr::null(),
+        )
+    };
+    if private != 0 {
+        let e = std::io::Error::last_os_error();
+        // SAFETY: unmounts the bind mount made just above.
+        unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+        bail!("cannot make {} a private mount: {e}", dir.display());
+    }
+    Ok(())
 }
 
 fn cmd(program: &str, args: &[&str]) -> Command {

@@ -3,17 +3,23 @@
 
 mod agent;
 mod bench;
+mod closed_set;
 mod cluster;
 mod exec;
 mod impair;
 mod kind;
 mod kubeapi;
 mod laptop;
+mod netlink;
 mod netns;
 mod peers;
 mod pki;
 mod report;
 mod scenario;
+mod topology;
+
+#[cfg(test)]
+mod house;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -46,12 +52,22 @@ enum Cmd {
         filter: Option<String>,
         /// Only cases whose laptop runs this DNS manager (debian, openresolv,
         /// systemd-resolved); one CI job per variant uses it.
+        #[arg(long, value_name = "MANAGER")]
+        resolvconf: Option<topology::DnsManager>,
+        /// Only load and check the files (every error as FILE:LINE: …); build
+        /// and run nothing. Needs no root.
         #[arg(long)]
-        resolvconf: Option<String>,
+        check: bool,
         /// netns (network namespaces on this machine) or kind (Kubernetes in
         /// Docker: deploys the servers from docs/deploy/ in each kind config).
         #[arg(long, default_value = "netns", value_parser = ["netns", "kind"])]
         backend: String,
+    },
+    /// Write the JSON Schema of scenario files (docs/scenario.schema.json), for editors.
+    Schema {
+        /// Write it to this file instead of standard output.
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
     },
     /// Print what the kind backend would run for a kind config.
     KindPlan {
@@ -174,26 +190,42 @@ fn scenario_files(files: Vec<PathBuf>) -> Result<Vec<PathBuf>> {
 /// Which cases to run.
 struct Selection {
     filter: Option<String>,
-    resolvconf: Option<String>,
+    resolvconf: Option<topology::DnsManager>,
 }
 
-fn run_scenarios(teletun: &Path, out: &Path, files: Vec<PathBuf>, select: Selection) -> Result<bool> {
-    if let Some(v) = &select.resolvconf {
-        laptop::DnsVariant::parse(v)?;
-    }
-    let mut scenarios = Vec::new();
+/// Loads and checks every file, and keeps the selected cases; reports every
+/// problem of every file (`FILE:LINE: …`) before anything is built.
+fn load_scenarios(files: Vec<PathBuf>, select: &Selection) -> Result<Vec<(PathBuf, scenario::Scenario)>> {
+    let mut cases = Vec::new();
+    let (mut problems, mut bad_files) = (0, 0);
     for path in scenario_files(files)? {
-        for s in scenario::load(&path)? {
-            let named = select.filter.as_deref().is_none_or(|f| s.name.contains(f));
-            let variant = select.resolvconf.as_deref().is_none_or(|v| s.topology.resolvconf == v);
-            if named && variant {
-                scenarios.push((path.clone(), s));
+        match scenario::load(&path) {
+            Ok(loaded) => cases.extend(loaded.into_iter().map(|s| (path.clone(), s))),
+            Err(e) => {
+                // One `FILE:LINE: …` line each, as compilers print them, for editors.
+                eprintln!("{e}");
+                problems += e.problems.len();
+                bad_files += 1;
             }
         }
     }
-    if scenarios.is_empty() {
-        bail!("no scenario matches");
+    if bad_files > 0 {
+        let s = |n: usize| if n == 1 { "" } else { "s" };
+        bail!(
+            "{problems} problem{} in {bad_files} scenario file{}; nothing was built or run",
+            s(problems),
+            s(bad_files)
+        );
     }
+    cases.retain(|(_, s)| {
+        let named = select.filter.as_deref().is_none_or(|f| s.name.contains(f));
+        let variant = select.resolvconf.is_none_or(|v| s.topology.resolvconf == v);
+        named && variant
+    });
+    Ok(cases)
+}
+
+fn run_scenarios(teletun: &Path, out: &Path, scenarios: Vec<(PathBuf, scenario::Scenario)>) -> Result<bool> {
     let work = out.join("runs");
     let mut results = Vec::new();
     let total = scenarios.len();
@@ -231,6 +263,13 @@ fn run_scenarios(teletun: &Path, out: &Path, files: Vec<PathBuf>, select: Select
             passed,
             c.checks.len(),
             c.seconds
+        );
+    }
+    if let Some(median) = report::median_check_seconds(&results, scenario::BUILD_CHECK) {
+        println!(
+            "  median {:?} over {} cases: {median:.3} s",
+            scenario::BUILD_CHECK,
+            results.len()
         );
     }
     let (json, junit) = report::write_files(out, &results)?;
@@ -281,12 +320,31 @@ fn main() -> ExitCode {
                 files,
                 filter,
                 resolvconf,
+                check,
                 ..
             } => {
+                let scenarios = load_scenarios(files, &Selection { filter, resolvconf })?;
+                if check {
+                    println!("{} cases, no problems", scenarios.len());
+                    return Ok(true);
+                }
+                if scenarios.is_empty() {
+                    bail!("no scenario matches");
+                }
                 preflight(false)?;
                 netns::remove_stale();
                 let teletun = find_teletun(cli.teletun)?;
-                run_scenarios(&teletun, &out, files, Selection { filter, resolvconf })
+                run_scenarios(&teletun, &out, scenarios)
+            }
+            Cmd::Schema { out } => {
+                let schema = scenario::json_schema();
+                match out {
+                    Some(path) => {
+                        std::fs::write(&path, schema).with_context(|| format!("cannot write {}", path.display()))?
+                    }
+                    None => print!("{schema}"),
+                }
+                Ok(true)
             }
             Cmd::Bench { seconds, runs, peers } => {
                 let peers = match peers.as_slice() {

@@ -1,48 +1,99 @@
-//! Network namespaces and the commands that run inside them.
+//! Named network namespaces (netns-rs: bind-mounted under /run/netns, as
+//! `ip netns` does), their netlink sockets and sysctls, and the commands that
+//! run inside them.
 
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::{anyhow, Context, Result};
+use netns_rs::NetNs;
 
 use crate::exec;
+use crate::netlink::Netlink;
 
 /// Generous bound for configuration commands.
 pub const CMD_TIMEOUT: Duration = Duration::from_secs(20);
 
-/// A named network namespace (`ip netns`), deleted by [`Netns::delete`].
-#[derive(Clone, Debug)]
+/// Where named namespaces live.
+const NETNS_DIR: &str = "/run/netns";
+
+/// A named network namespace, deleted by [`Netns::delete`]. Clones share it.
+#[derive(Clone)]
 pub struct Netns {
     /// Full name under /run/netns.
     pub name: String,
+    inner: Arc<Inner>,
 }
 
-fn ip_cmd(args: &[&str]) -> Command {
-    let mut c = Command::new("ip");
-    c.args(args);
-    c
+struct Inner {
+    /// The namespace, until deleted.
+    ns: Mutex<Option<NetNs>>,
+    /// A netlink socket opened inside, on first use; closed with the namespace
+    /// (an open socket would keep the namespace alive).
+    netlink: Mutex<Option<Netlink>>,
+}
+
+impl std::fmt::Debug for Netns {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Netns").field("name", &self.name).finish()
+    }
 }
 
 impl Netns {
-    /// Creates the namespace with loopback up.
+    /// Creates the namespace with loopback up and IPv6 duplicate address
+    /// detection off on links made later (addresses are usable at once, and
+    /// state snapshots do not catch them half-way).
     pub fn create(name: &str) -> Result<Netns> {
-        exec::run(ip_cmd(&["netns", "add", name]), CMD_TIMEOUT)
-            .with_context(|| format!("cannot create namespace {name}"))?;
-        let ns = Netns { name: name.to_owned() };
-        ns.ip(&["link", "set", "lo", "up"])?;
-        // No duplicate address detection on links made later: addresses are usable
-        // at once and state snapshots do not catch them half-way.
+        let ns = NetNs::new(name).map_err(|e| anyhow!("cannot create namespace {name}: {e}"))?;
+        let ns = Netns::wrap(name, ns);
+        ns.netlink()?.set_up("lo")?;
         ns.sysctl("net.ipv6.conf.default.accept_dad", "0")?;
         ns.sysctl("net.ipv6.conf.all.accept_dad", "0")?;
         Ok(ns)
     }
 
-    /// `ip -n NAME ARGS…`
-    pub fn ip(&self, args: &[&str]) -> Result<String> {
-        let mut full = vec!["-n", &self.name];
-        full.extend_from_slice(args);
-        exec::run(ip_cmd(&full), CMD_TIMEOUT)
+    fn wrap(name: &str, ns: NetNs) -> Netns {
+        Netns {
+            name: name.to_owned(),
+            inner: Arc::new(Inner {
+                ns: Mutex::new(Some(ns)),
+                netlink: Mutex::new(None),
+            }),
+        }
+    }
+
+    /// Runs `f` on this thread inside the namespace, then returns to where it was.
+    pub fn enter<T>(&self, f: impl FnOnce() -> T) -> Result<T> {
+        let guard = self.inner.ns.lock().unwrap_or_else(|e| e.into_inner());
+        let ns = guard
+            .as_ref()
+            .with_context(|| format!("namespace {} is gone", self.name))?;
+        ns.run(|_| f())
+            .map_err(|e| anyhow!("cannot enter namespace {}: {e}", self.name))
+    }
+
+    /// The namespace's netlink socket (opened inside on first use).
+    pub fn netlink(&self) -> Result<Netlink> {
+        let mut socket = self.inner.netlink.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = socket.as_ref() {
+            return Ok(n.clone());
+        }
+        let opened = self.enter(Netlink::open_here)??;
+        *socket = Some(opened.clone());
+        Ok(opened)
+    }
+
+    /// A file descriptor of the namespace, for moving links into it.
+    pub fn fd(&self) -> Result<RawFd> {
+        let guard = self.inner.ns.lock().unwrap_or_else(|e| e.into_inner());
+        let ns = guard
+            .as_ref()
+            .with_context(|| format!("namespace {} is gone", self.name))?;
+        Ok(ns.file().as_raw_fd())
     }
 
     /// A command that runs `program` inside the namespace.
@@ -59,40 +110,56 @@ impl Netns {
         exec::run(c, CMD_TIMEOUT)
     }
 
-    /// Sets a sysctl inside the namespace.
+    /// Sets a sysctl inside the namespace (net.* sysctls are per namespace).
     pub fn sysctl(&self, key: &str, value: &str) -> Result<()> {
-        self.run("sysctl", &["-qw", &format!("{key}={value}")]).map(|_| ())
+        let file = Path::new("/proc/sys").join(key.replace('.', "/"));
+        self.enter(|| std::fs::write(&file, value))?
+            .with_context(|| format!("cannot set {key}={value} in namespace {}", self.name))
     }
 
     /// The namespace's file, for `nsenter --net=`.
     pub fn path(&self) -> PathBuf {
-        Path::new("/run/netns").join(&self.name)
+        Path::new(NETNS_DIR).join(&self.name)
     }
 
-    /// Kills every process inside, then deletes the namespace (even after an interrupt).
+    /// Kills every process inside, then deletes the namespace (once; later
+    /// calls do nothing).
     pub fn delete(&self) {
-        if let Ok(pids) = exec::run_to_completion(ip_cmd(&["netns", "pids", &self.name]), CMD_TIMEOUT) {
-            for pid in pids.split_whitespace().filter_map(|p| p.parse::<libc::pid_t>().ok()) {
-                // SAFETY: kill(2) on a pid that lives in our namespace.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
-            }
+        self.inner.netlink.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let Some(ns) = self.inner.ns.lock().unwrap_or_else(|e| e.into_inner()).take() else {
+            return;
+        };
+        if let Ok(meta) = ns.file().metadata() {
+            kill_processes_in(meta.dev(), meta.ino());
         }
-        let _ = exec::run_to_completion(ip_cmd(&["netns", "del", &self.name]), CMD_TIMEOUT);
+        if let Err(e) = ns.remove() {
+            eprintln!("testbench: cannot delete namespace {}: {e}", self.name);
+        }
+    }
+}
+
+/// SIGKILLs every process whose network namespace is the one with this device
+/// and inode (what `ip netns pids` finds).
+fn kill_processes_in(dev: u64, ino: u64) {
+    let Ok(procs) = std::fs::read_dir("/proc") else { return };
+    for entry in procs.flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|p| p.parse::<libc::pid_t>().ok()) else {
+            continue;
+        };
+        let inside = std::fs::metadata(entry.path().join("ns/net")).is_ok_and(|m| m.dev() == dev && m.ino() == ino);
+        if inside {
+            // SAFETY: kill(2) on a pid that lives in our namespace.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
     }
 }
 
 /// Creates a veth pair with each end directly inside its namespace (so names
 /// never collide in the root namespace), both ends up.
 pub fn veth(a: &Netns, a_name: &str, b: &Netns, b_name: &str) -> Result<()> {
-    exec::run(
-        ip_cmd(&[
-            "link", "add", a_name, "netns", &a.name, "type", "veth", "peer", "name", b_name, "netns", &b.name,
-        ]),
-        CMD_TIMEOUT,
-    )?;
-    a.ip(&["link", "set", a_name, "up"])?;
-    b.ip(&["link", "set", b_name, "up"])?;
-    Ok(())
+    a.netlink()?.add_veth(a_name, a.fd()?, b_name, b.fd()?)?;
+    a.netlink()?.set_up(a_name)?;
+    b.netlink()?.set_up(b_name)
 }
 
 /// Namespaces whose names say they belong to a testbench process that no
@@ -100,10 +167,10 @@ pub fn veth(a: &Netns, a_name: &str, b: &Netns, b_name: &str) -> Result<()> {
 /// directories: left by a killed run. Deleted on start.
 pub fn remove_stale() {
     exec::remove_stale_scratch();
-    let Ok(list) = exec::run(ip_cmd(&["netns", "list"]), CMD_TIMEOUT) else {
+    let Ok(entries) = std::fs::read_dir(NETNS_DIR) else {
         return;
     };
-    for name in list.lines().filter_map(|l| l.split_whitespace().next()) {
+    for name in entries.flatten().filter_map(|e| e.file_name().into_string().ok()) {
         let Some(pid) = name
             .strip_prefix("tt")
             .and_then(|r| r.split('-').next())
@@ -111,9 +178,16 @@ pub fn remove_stale() {
         else {
             continue;
         };
-        if !Path::new(&format!("/proc/{pid}")).exists() {
-            eprintln!("testbench: removing namespace {name} left by dead run {pid}");
-            Netns { name: name.to_owned() }.delete();
+        if Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        eprintln!("testbench: removing namespace {name} left by dead run {pid}");
+        match NetNs::get(&name) {
+            Ok(ns) => Netns::wrap(&name, ns).delete(),
+            // A mount point whose namespace is gone: just the file.
+            Err(_) => {
+                let _ = std::fs::remove_file(Path::new(NETNS_DIR).join(&name));
+            }
         }
     }
 }

@@ -193,7 +193,7 @@ pub fn start(peer: Peer, cluster: &Cluster) -> Result<PeerTunnel> {
     let made_dir = (peer == Peer::WireGuardGo).then(|| MadeDir::watch(Path::new("/run/wireguard")));
     let (laptop_ip, node_ip) = peer.addresses();
     let device = peer.device(&cluster.id);
-    let device_in = |ns: &Netns| ns.ip(&["link", "show", &device]).is_ok();
+    let device_in = |ns: &Netns| ns.netlink().is_ok_and(|n| n.has_link(&device));
     let (mut server, mut client) = match peer {
         Peer::SocatDtls | Peer::OpenVpn => {
             let certs = Certificates::create(&dir)?;
@@ -215,7 +215,7 @@ pub fn start(peer: Peer, cluster: &Cluster) -> Result<PeerTunnel> {
                 })?;
                 // socat's TUN address has no MTU option.
                 for ns in [&cluster.node, &cluster.laptop.ns] {
-                    ns.ip(&["link", "set", &device, "mtu", &PEER_MTU.to_string()])?;
+                    ns.netlink()?.set_mtu(&device, PEER_MTU)?;
                 }
             } else {
                 client.wait_for_log("Initialization Sequence Completed", WAIT)?;
@@ -257,8 +257,10 @@ pub fn start(peer: Peer, cluster: &Cluster) -> Result<PeerTunnel> {
                 .args(["endpoint", &format!("{}:{port}", cluster.node_ip)]);
             exec::run(wg, Duration::from_secs(5))?;
             for (ns, ip) in [(&cluster.node, node_ip), (&cluster.laptop.ns, laptop_ip)] {
-                ns.ip(&["addr", "add", &format!("{ip}/30"), "dev", &device])?;
-                ns.ip(&["link", "set", &device, "mtu", &PEER_MTU.to_string(), "up"])?;
+                let netlink = ns.netlink()?;
+                netlink.add_address(&device, ipnet::IpNet::new(ip.into(), 30)?)?;
+                netlink.set_mtu(&device, PEER_MTU)?;
+                netlink.set_up(&device)?;
             }
             (server, client)
         }

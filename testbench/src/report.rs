@@ -93,6 +93,17 @@ impl CaseResult {
     }
 }
 
+/// The median time of the check called `name` across cases (the "build
+/// cluster" check, say), if any case has it.
+pub fn median_check_seconds(cases: &[CaseResult], name: &str) -> Option<f64> {
+    let mut times: Vec<f64> = cases
+        .iter()
+        .flat_map(|c| c.checks.iter().filter(|x| x.name == name).map(|x| x.seconds))
+        .collect();
+    times.sort_by(f64::total_cmp);
+    times.get(times.len() / 2).copied()
+}
+
 fn xml_escape(s: &str) -> String {
     s.replace('&', "&amp;")
         .replace('<', "&lt;")

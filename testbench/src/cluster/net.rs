@@ -1,0 +1,160 @@
+//! The cluster's network: namespaces joined by veth pairs and bridges, their
+//! addresses, routes and forwarding, all set over netlink:
+//!
+//! ```text
+//! laptop ethN ── to-laptop router "nodes" bridge ── to-nodeK ── eth0 nodeK br0 ── v-POD ── eth0 POD
+//! ```
+
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+use anyhow::{Context, Result};
+use ipnet::IpNet;
+
+use super::plan::Plan;
+use crate::netlink::Via;
+use crate::netns::{self, Netns};
+
+/// A pod: a namespace with `eth0` on its node's bridge.
+#[derive(Clone, Debug)]
+pub struct Pod {
+    /// Kubernetes-style name.
+    pub name: String,
+    /// Its namespace.
+    pub ns: Netns,
+    /// Pod IPv4 address.
+    pub ipv4: Ipv4Addr,
+    /// Pod IPv6 address.
+    pub ipv6: Ipv6Addr,
+    /// The node it runs on (1, 2, …).
+    pub node: u8,
+}
+
+/// A node: a namespace with `eth0` on the router's node bridge (its underlay
+/// address) and `br0` for its pods (its pod networks).
+#[derive(Clone, Debug)]
+pub struct NodeNet {
+    /// `node1`, `node2`, …
+    pub name: String,
+    /// Its namespace.
+    pub ns: Netns,
+    /// 1, 2, …
+    pub index: u8,
+    /// Its cluster's address plan.
+    pub plan: Plan,
+}
+
+impl NodeNet {
+    /// Underlay IPv4 address (reachable from the laptop through the router).
+    pub fn ip(&self) -> Ipv4Addr {
+        self.plan.node_ip(self.index)
+    }
+
+    /// Underlay IPv6 address (between nodes only).
+    pub fn ip6(&self) -> Ipv6Addr {
+        self.plan.node_ip6(self.index)
+    }
+
+    /// Pod networks: IPv4 and IPv6.
+    pub fn pod_cidrs(&self) -> [IpNet; 2] {
+        self.plan.pod_cidrs(self.index)
+    }
+
+    /// The node's own address in each pod network (the pods' gateway).
+    pub fn gateways(&self) -> (Ipv4Addr, Ipv6Addr) {
+        self.plan.gateways(self.index)
+    }
+}
+
+fn net(addr: impl Into<std::net::IpAddr>, prefix: u8) -> IpNet {
+    IpNet::new(addr.into(), prefix).expect("a valid prefix")
+}
+
+fn default_route(v6: bool) -> IpNet {
+    if v6 {
+        net(Ipv6Addr::UNSPECIFIED, 0)
+    } else {
+        net(Ipv4Addr::UNSPECIFIED, 0)
+    }
+}
+
+/// Joins the laptop to `router` over the laptop's uplink for `plan`, and gives
+/// the router its bridge for the nodes. The first cluster's router is the
+/// laptop's default route; another cluster's only routes its nodes' network.
+pub fn wire_router(laptop: &Netns, router: &Netns, plan: Plan) -> Result<()> {
+    let (laptop_ip, router_ip) = plan.laptop_link();
+    let uplink = plan.uplink();
+    netns::veth(laptop, &uplink, router, "to-laptop")?;
+    let on_laptop = laptop.netlink()?;
+    on_laptop.add_address(&uplink, net(laptop_ip, 24))?;
+    let towards = if plan.index == 0 {
+        default_route(false)
+    } else {
+        plan.nodes_net()
+    };
+    on_laptop.add_route(towards, Via::Gateway(router_ip.into()), None)?;
+    let on_router = router.netlink()?;
+    on_router.add_address("to-laptop", net(router_ip, 24))?;
+    on_router.add_bridge("nodes")?;
+    on_router.add_address("nodes", net(plan.router_nodes_ip(), 24))?;
+    router.sysctl("net.ipv4.ip_forward", "1")
+}
+
+/// Wires node `n`: underlay on the router's bridge, a bridge for its pods,
+/// forwarding, and routes to and from the pods of every node in `others`.
+/// The router never learns pod networks: the laptop reaches them only through
+/// the tunnel.
+pub fn wire_node(router: &Netns, n: &NodeNet, others: &[NodeNet]) -> Result<()> {
+    let uplink = format!("to-{}", n.name);
+    netns::veth(router, &uplink, &n.ns, "eth0")?;
+    router.netlink()?.set_master(&uplink, "nodes")?;
+    let on_node = n.ns.netlink()?;
+    on_node.add_address("eth0", net(n.ip(), 24))?;
+    on_node.add_address("eth0", net(n.ip6(), 64))?;
+    on_node.add_route(
+        default_route(false),
+        Via::Gateway(n.plan.router_nodes_ip().into()),
+        None,
+    )?;
+    let (gw4, gw6) = n.gateways();
+    on_node.add_bridge("br0")?;
+    on_node.add_address("br0", net(gw4, 24))?;
+    on_node.add_address("br0", net(gw6, 64))?;
+    n.ns.sysctl("net.ipv4.ip_forward", "1")?;
+    n.ns.sysctl("net.ipv6.conf.all.forwarding", "1")?;
+    // Bridged replies must pass conntrack to be un-NATed (the service hairpin).
+    n.ns.sysctl("net.bridge.bridge-nf-call-iptables", "1")
+        .context("bridged traffic must pass netfilter for the service hairpin (br_netfilter)")?;
+    for other in others.iter().filter(|o| o.index != n.index) {
+        let on_other = other.ns.netlink()?;
+        let ([theirs4, theirs6], [mine4, mine6]) = (other.pod_cidrs(), n.pod_cidrs());
+        on_node.add_route(theirs4, Via::Gateway(other.ip().into()), None)?;
+        on_node.add_route(theirs6, Via::Gateway(other.ip6().into()), None)?;
+        on_other.add_route(mine4, Via::Gateway(n.ip().into()), None)?;
+        on_other.add_route(mine6, Via::Gateway(n.ip6().into()), None)?;
+    }
+    Ok(())
+}
+
+/// The other nodes forget the pod networks of node `gone`.
+pub fn unroute_node(others: &[NodeNet], gone: &NodeNet) -> Result<()> {
+    for other in others {
+        let on_other = other.ns.netlink()?;
+        for cidr in gone.pod_cidrs() {
+            on_other.del_route(cidr)?;
+        }
+    }
+    Ok(())
+}
+
+/// Wires `pod` onto its node's bridge with its addresses and default routes.
+pub fn wire_pod(node: &NodeNet, pod: &Pod) -> Result<()> {
+    let host_side = format!("v-{}", pod.name);
+    netns::veth(&pod.ns, "eth0", &node.ns, &host_side)?;
+    node.ns.netlink()?.set_master(&host_side, "br0")?;
+    let on_pod = pod.ns.netlink()?;
+    on_pod.add_address("eth0", net(pod.ipv4, 24))?;
+    on_pod.add_address("eth0", net(pod.ipv6, 64))?;
+    let (gw4, gw6) = node.gateways();
+    on_pod.add_route(default_route(false), Via::Gateway(gw4.into()), None)?;
+    on_pod.add_route(default_route(true), Via::Gateway(gw6.into()), None)
+}

@@ -1,0 +1,74 @@
+//! The state of a case while its steps run, and what most steps need from it.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+
+use super::values::Target;
+use crate::cluster::Cluster;
+use crate::exec::{self, Background};
+use crate::impair::Impairment;
+
+/// A case under way.
+pub struct Case<'a> {
+    /// The clusters; steps act on the first (`use-cluster` brings another to the front).
+    pub clusters: Vec<Cluster>,
+    /// Running clients by name.
+    pub clients: BTreeMap<String, Background>,
+    /// Every client's log, also after it ended.
+    pub client_logs: BTreeMap<String, PathBuf>,
+    /// The laptop's state before any client ran.
+    pub laptop_before: String,
+    /// The scenario's impairment profiles.
+    pub impairments: &'a BTreeMap<String, Impairment>,
+    /// What the current step measured, for its report line.
+    pub detail: Option<String>,
+    /// A state snapshot the current step took: (name, normalized text).
+    pub snapshot: Option<(String, String)>,
+}
+
+impl Case<'_> {
+    /// The cluster steps act on.
+    pub fn cluster(&self) -> &Cluster {
+        &self.clusters[0]
+    }
+
+    /// The cluster steps act on, to change it.
+    pub fn cluster_mut(&mut self) -> &mut Cluster {
+        &mut self.clusters[0]
+    }
+
+    /// Runs `program args…` on the laptop; fails (with its last lines) unless it exits 0.
+    pub fn laptop_check(&self, program: &str, args: &[&str]) -> Result<String> {
+        let mut c = self.cluster().laptop.cmd(program);
+        c.args(args);
+        let out = exec::output(c, Duration::from_secs(20))?;
+        if !out.status.success() {
+            bail!("{}", exec::last_lines(&out.both(), 3));
+        }
+        Ok(out.stdout)
+    }
+
+    /// Runs `testbench agent ARGS…` on the laptop.
+    pub fn agent_on_laptop(&self, args: &[&str]) -> Result<String> {
+        let me = std::env::current_exe()?;
+        let mut full = vec!["agent"];
+        full.extend_from_slice(args);
+        self.laptop_check(&me.to_string_lossy(), &full)
+    }
+
+    /// The address a target stands for in the current cluster.
+    pub fn address(&self, target: &Target, ipv6: bool) -> Result<IpAddr> {
+        let cluster = self.cluster();
+        match target {
+            Target::Pod(p) => cluster.pod_address(p, ipv6),
+            Target::Service(_) if ipv6 => bail!("services here are IPv4-only"),
+            Target::Service(s) => Ok(cluster.service(s)?.ip.into()),
+            Target::Node(n) => cluster.node_address(n, ipv6),
+            Target::Address(a) => Ok(*a),
+        }
+    }
+}

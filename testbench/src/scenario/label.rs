@@ -1,0 +1,94 @@
+//! How steps appear in reports, and which steps are set-up or expected to fail.
+
+use super::schema::*;
+
+fn v6(ipv6: bool) -> &'static str {
+    if ipv6 {
+        " (IPv6)"
+    } else {
+        ""
+    }
+}
+
+fn fails(expect_failure: bool) -> &'static str {
+    if expect_failure {
+        " fails"
+    } else {
+        ""
+    }
+}
+
+impl Step {
+    /// A one-line label for reports.
+    pub fn label(&self) -> String {
+        match self {
+            Step::StartServers(_) => "start servers".into(),
+            Step::StartClient(StartClient {
+                name,
+                expect_error: None,
+                ..
+            }) => format!("start client {name}"),
+            Step::StartClient(StartClient {
+                name,
+                expect_error: Some(e),
+                ..
+            }) => format!("client {name} fails with {e:?}"),
+            Step::StopClient(s) => format!("stop client {} with {}", s.name, s.signal),
+            Step::Ping(s) => format!("ping {}{}{}", s.to, v6(s.ipv6), fails(s.expect_failure)),
+            Step::TcpEcho(s) => format!("TCP echo {}{}{}", s.to, v6(s.ipv6), fails(s.expect_failure)),
+            Step::UdpEcho(s) => format!("UDP echo {}{}", s.to, v6(s.ipv6)),
+            Step::Http(s) => format!("HTTP {}{}", s.to, fails(s.expect_failure)),
+            Step::Resolve(s) => format!("resolve {} → {}", s.name, s.expect),
+            Step::AddPod(AddPod { name, node: None }) => format!("add pod {name}"),
+            Step::AddPod(AddPod { name, node: Some(n) }) => format!("add pod {name} on {n}"),
+            Step::AddNode(_) => "add a node".into(),
+            Step::RemoveNode(s) => format!("remove {}", s.name),
+            Step::UseCluster(s) => format!("use cluster {}", s.name),
+            Step::RemovePod(s) => format!("remove pod {}", s.name),
+            Step::AddService(s) => format!("add service {} → {}", s.name, s.pod),
+            Step::RemoveService(s) => format!("remove service {}", s.name),
+            Step::Route(s) if s.present => format!("{}{} is routed into the tunnel", s.to, v6(s.ipv6)),
+            Step::Route(s) => format!("{}{} is not routed into the tunnel", s.to, v6(s.ipv6)),
+            Step::CompactApi(_) => "compact the API's history (410 Gone)".into(),
+            Step::ConnectBack(s) => format!("{} connects to the laptop{}", s.from, v6(s.ipv6)),
+            Step::LaptopUnchanged(_) => "laptop state unchanged".into(),
+            Step::CrashClient(s) => format!("client stopped at {}, then {}", s.point, s.kill),
+            Step::TeletunCleanup(_) => "teletun cleanup".into(),
+            Step::Snapshot(s) => format!("snapshot of the laptop: {}", s.name),
+            Step::Impair(s) => format!("impair the underlay: {}", s.profile),
+            Step::Transfer(s) => format!("transfer {} MB ({})", s.bytes / 1_000_000, s.direction),
+            Step::NoCorruption(_) => "no corrupted or spliced packets".into(),
+            Step::KillClient(s) => format!("kill client {} with {}", s.name, s.signal),
+            Step::Run(s) => {
+                let one_line: String = s.command.escape_debug().collect();
+                let cut: String = one_line.chars().take(60).collect();
+                let more = if cut.len() < one_line.len() { "…" } else { "" };
+                format!("on {}: {cut}{more}", s.on)
+            }
+            Step::LogContains(s) if s.absent => format!("{} log lacks {:?}", s.process, s.text),
+            Step::LogContains(s) => format!("{} log has {:?}", s.process, s.text),
+            Step::StartServer(s) => format!("start {}", s.role),
+            Step::StopServer(s) => format!("stop {} with {}", s.role, s.signal),
+            Step::ClientExits(s) => format!("client {} exits with {:?}", s.name, s.expect_error),
+        }
+    }
+
+    /// Whether the step passes only when its check fails.
+    pub fn expects_failure(&self) -> bool {
+        match self {
+            Step::Ping(s) => s.expect_failure,
+            Step::TcpEcho(s) => s.expect_failure,
+            Step::Http(s) => s.expect_failure,
+            _ => false,
+        }
+    }
+
+    /// Whether later steps make no sense when this one fails (a server or a
+    /// client did not come up).
+    pub fn is_setup(&self) -> bool {
+        matches!(
+            self,
+            Step::StartServers(_) | Step::StartServer(_) | Step::StartClient(StartClient { expect_error: None, .. })
+        )
+    }
+}

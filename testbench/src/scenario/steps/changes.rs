@@ -1,0 +1,58 @@
+//! Changes to the cluster while clients run: pods, services and nodes come and
+//! go, the API loses its history, and steps move to another cluster.
+
+use anyhow::{Context, Result};
+
+use super::super::case::Case;
+use super::super::schema::{AddPod, AddService, RemoveNode, RemovePod, RemoveService, UseCluster};
+
+/// `add-pod`.
+pub fn add_pod(case: &mut Case, s: &AddPod) -> Result<()> {
+    case.cluster_mut().add_app_pod(&s.name, s.node.as_deref())
+}
+
+/// `remove-pod`.
+pub fn remove_pod(case: &mut Case, s: &RemovePod) -> Result<()> {
+    case.cluster_mut().remove_pod(&s.name)
+}
+
+/// `add-service`.
+pub fn add_service(case: &mut Case, s: &AddService) -> Result<()> {
+    case.cluster_mut()
+        .add_service(&s.name, &s.namespace, &s.pod, s.port, s.target_port)
+}
+
+/// `remove-service`.
+pub fn remove_service(case: &mut Case, s: &RemoveService) -> Result<()> {
+    case.cluster_mut().remove_service(&s.name)
+}
+
+/// `add-node`: reports the new node's name.
+pub fn add_node(case: &mut Case) -> Result<()> {
+    let name = case.cluster_mut().add_node()?;
+    case.detail = Some(format!("added {name}"));
+    Ok(())
+}
+
+/// `remove-node`.
+pub fn remove_node(case: &mut Case, s: &RemoveNode) -> Result<()> {
+    case.cluster_mut().remove_node(&s.name)
+}
+
+/// `use-cluster`: later steps act on that cluster.
+pub fn use_cluster(case: &mut Case, s: &UseCluster) -> Result<()> {
+    let i = case
+        .clusters
+        .iter()
+        .position(|c| c.plan.name() == s.name)
+        .with_context(|| format!("no cluster {:?}: [topology] clusters says how many", s.name))?;
+    case.clusters.swap(0, i);
+    Ok(())
+}
+
+/// `compact-api`: every watcher gets 410 Gone and lists again.
+pub fn compact_api(case: &mut Case) -> Result<()> {
+    let n = case.cluster().compact_api()?;
+    case.detail = Some(format!("{n} watches got 410 Gone and listed again"));
+    Ok(())
+}

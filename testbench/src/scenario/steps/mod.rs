@@ -1,0 +1,52 @@
+//! What each step does, one file per family: `connectivity`, `dns`,
+//! `processes`, `changes` (to the cluster), `impairment`, `state` (of the
+//! laptop). [`perform`] sends each step kind to its function.
+
+mod changes;
+mod connectivity;
+mod dns;
+mod impairment;
+mod processes;
+mod state;
+
+use anyhow::Result;
+
+use super::case::Case;
+use super::schema::Step;
+
+/// Runs one step against the case.
+pub fn perform(case: &mut Case, step: &Step) -> Result<()> {
+    match step {
+        Step::StartServers(_) => case.cluster_mut().start_servers(),
+        Step::StartServer(s) => processes::start_server(case, s),
+        Step::StopServer(s) => processes::stop_server(case, s),
+        Step::StartClient(s) => processes::start_client(case, s),
+        Step::StopClient(s) => processes::stop_client(case, s),
+        Step::ClientExits(s) => processes::client_exits(case, s),
+        Step::KillClient(s) => processes::kill_client(case, s),
+        Step::CrashClient(s) => processes::crash_client(case, s),
+        Step::LogContains(s) => processes::log_contains(case, s),
+        Step::Run(s) => processes::run(case, s),
+        Step::Ping(s) => connectivity::ping(case, s),
+        Step::TcpEcho(s) => connectivity::tcp_echo(case, s),
+        Step::UdpEcho(s) => connectivity::udp_echo(case, s),
+        Step::Http(s) => connectivity::http(case, s),
+        Step::ConnectBack(s) => connectivity::connect_back(case, s),
+        Step::Transfer(s) => connectivity::transfer(case, s),
+        Step::Route(s) => connectivity::route(case, s),
+        Step::Resolve(s) => dns::resolve(case, s),
+        Step::AddPod(s) => changes::add_pod(case, s),
+        Step::RemovePod(s) => changes::remove_pod(case, s),
+        Step::AddService(s) => changes::add_service(case, s),
+        Step::RemoveService(s) => changes::remove_service(case, s),
+        Step::AddNode(_) => changes::add_node(case),
+        Step::RemoveNode(s) => changes::remove_node(case, s),
+        Step::UseCluster(s) => changes::use_cluster(case, s),
+        Step::CompactApi(_) => changes::compact_api(case),
+        Step::Impair(s) => impairment::impair(case, s),
+        Step::NoCorruption(_) => impairment::no_corruption(case),
+        Step::LaptopUnchanged(s) => state::laptop_unchanged(case, s),
+        Step::Snapshot(s) => state::snapshot(case, s),
+        Step::TeletunCleanup(_) => state::teletun_cleanup(case),
+    }
+}
