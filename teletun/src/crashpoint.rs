@@ -16,6 +16,7 @@ pub const POINTS: &[&str] = &[
     "after-tun",
     "after-addresses",
     "after-routes",
+    "after-forwarder",
     "after-dns",
     "mid-traffic",
     "mid-teardown",

@@ -1,7 +1,8 @@
 //! DNS registration. Where systemd-resolved runs, the tunnel link is configured
-//! over D-Bus ([`super::resolved`]); elsewhere through `resolvconf`(8): the
-//! seed's `resolvconf -a IFACE` with the server's resolv.conf on stdin, and
-//! `resolvconf -d IFACE` to undo (Debian's resolvconf and openresolv).
+//! over D-Bus ([`super::resolved`]); elsewhere through `resolvconf`(8)
+//! (Debian's resolvconf and openresolv): `resolvconf -a ENTRY` with a
+//! resolv.conf on stdin naming the client's local forwarder
+//! ([`super::forwarder`]), and `resolvconf -d ENTRY` to undo.
 
 use std::process::Stdio;
 
@@ -9,7 +10,7 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 use super::resolved::Resolved;
-use crate::proto::resolv_conf;
+use crate::proto::resolv_conf::ResolvConf;
 
 /// Which mechanism registered a client's DNS (kept in its change record).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -56,18 +57,19 @@ impl DnsManager {
         }
     }
 
-    /// Registers the cluster's resolv.conf for interface `iface` (index `ifindex`).
-    pub async fn register(&self, iface: &str, ifindex: u32, resolv_conf: &str) -> Result<()> {
+    /// Registers `conf` as entry `entry` (resolvconf), or as link `ifindex`'s
+    /// servers and search domains (systemd-resolved; its domains route too).
+    pub async fn register(&self, entry: &str, ifindex: u32, conf: &ResolvConf) -> Result<()> {
         match self {
-            DnsManager::Resolvconf => register(iface, resolv_conf).await,
-            DnsManager::Resolved(r) => r.configure(ifindex, &resolv_conf::parse(resolv_conf)).await,
+            DnsManager::Resolvconf => register(entry, &conf.to_text()).await,
+            DnsManager::Resolved(r) => r.configure(ifindex, conf).await,
         }
     }
 
     /// Removes what [`Self::register`] did.
-    pub async fn unregister(&self, iface: &str, ifindex: u32) -> Result<()> {
+    pub async fn unregister(&self, entry: &str, ifindex: u32) -> Result<()> {
         match self {
-            DnsManager::Resolvconf => unregister(iface).await,
+            DnsManager::Resolvconf => unregister(entry).await,
             DnsManager::Resolved(r) => r.revert(ifindex).await,
         }
     }

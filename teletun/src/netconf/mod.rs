@@ -1,8 +1,10 @@
 //! Changing this machine's network configuration: addresses, routes and policy
-//! rules (rtnetlink), DNS registration (resolvconf), kernel parameters, and the
+//! rules (rtnetlink), DNS registration (resolvconf with a local split-DNS
+//! forwarder, or systemd-resolved), kernel parameters, and the
 //! record of every change a client makes.
 
 pub mod dns;
+pub mod forwarder;
 pub mod netlink;
 pub mod overlap;
 pub mod record;

@@ -32,6 +32,10 @@ pub struct Record {
     /// How it was registered.
     #[serde(default)]
     pub dns_via: super::dns::DnsVia,
+    /// The name it was registered under with resolvconf (records from before
+    /// the forwarder used the interface's name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns_name: Option<String>,
 }
 
 /// A running (not zombie) process's start time from `/proc/PID/stat`.
@@ -58,7 +62,13 @@ impl Record {
             iface: iface.to_owned(),
             dns_registered: false,
             dns_via: Default::default(),
+            dns_name: None,
         }
+    }
+
+    /// The name of the resolvconf entry this client registers (or registered).
+    pub fn dns_entry(&self) -> &str {
+        self.dns_name.as_deref().unwrap_or(&self.iface)
     }
 
     /// The record's file.

@@ -1,5 +1,6 @@
 //! Sans-IO codecs: no sockets, no async runtime; pure functions and state machines.
 
 pub mod control;
+pub mod dns;
 pub mod packet;
 pub mod resolv_conf;

@@ -12,6 +12,17 @@ pub struct ResolvConf {
     pub search: Vec<String>,
 }
 
+impl ResolvConf {
+    /// The resolv.conf text for these servers and domains (no options).
+    pub fn to_text(&self) -> String {
+        let mut text: String = self.nameservers.iter().map(|ip| format!("nameserver {ip}\n")).collect();
+        if !self.search.is_empty() {
+            text.push_str(&format!("search {}\n", self.search.join(" ")));
+        }
+        text
+    }
+}
+
 /// Parses resolv.conf text. Unknown directives and malformed lines are skipped,
 /// as the C library does.
 pub fn parse(text: &str) -> ResolvConf {
@@ -63,6 +74,19 @@ mod tests {
         let r = parse("search a.example\nnameserver not-an-ip\ndomain b.example ; comment\nnameserver\n");
         assert!(r.nameservers.is_empty());
         assert_eq!(r.search, ["b.example"]);
+    }
+
+    #[test]
+    fn written_text_reads_back() {
+        let conf = ResolvConf {
+            nameservers: vec!["127.0.53.1".parse().unwrap()],
+            search: vec!["svc.cluster.local".into(), "cluster.local".into()],
+        };
+        assert_eq!(
+            conf.to_text(),
+            "nameserver 127.0.53.1\nsearch svc.cluster.local cluster.local\n"
+        );
+        assert_eq!(parse(&conf.to_text()), conf);
     }
 
     proptest! {

@@ -22,7 +22,7 @@ pub async fn undo_record(netlink: &Netlink, rec: &Record, path: &Path) -> Result
                 rec.iface, rec.pid
             );
         } else {
-            dns::unregister(&rec.iface).await?;
+            dns::unregister(rec.dns_entry()).await?;
         }
     }
     match std::fs::remove_file(path) {

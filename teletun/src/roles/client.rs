@@ -20,10 +20,13 @@ use crate::io::tun::Tun;
 use crate::keys::{Identity, PinnedKey};
 use crate::kube::{discovery, networks, Kube, KubeOptions};
 use crate::netconf::dns::DnsManager;
+use crate::netconf::forwarder::{self, Forwarder, Sources};
 use crate::netconf::netlink::{Netlink, Route};
 use crate::netconf::overlap;
 use crate::netconf::record::Record;
 use crate::proto::control::{Hello, ServerGreeting};
+use crate::proto::dns::SplitDomains;
+use crate::proto::resolv_conf::{self, ResolvConf};
 use crate::transport::dtls::{self, DtlsError, DtlsSession, Role, DTLS_OVERHEAD};
 use crate::transport::link::DtlsLink;
 
@@ -106,6 +109,8 @@ struct Changes {
     tun: Option<Arc<Tun>>,
     /// The DNS manager used, and the TUN's interface index.
     dns: Option<(DnsManager, u32)>,
+    /// The split-DNS forwarder (with resolvconf), stopped after the DNS entry goes.
+    forwarder: Option<Forwarder>,
 }
 
 /// The live view of the cluster's networks.
@@ -156,6 +161,7 @@ pub async fn run(mut config: ClientConfig) -> Result<()> {
         record: None,
         tun: None,
         dns: None,
+        forwarder: None,
     };
     // A signal during set-up drops `session` at its current step; `undo` follows.
     let outcome = session(&config, cluster.as_ref(), keeper, &mut changes, &mut signals).await;
@@ -193,11 +199,14 @@ async fn undo(changes: &mut Changes) -> Result<()> {
     let mut first_error = None;
     if let (Some(record), Some((dns, ifindex))) = (&changes.record, &changes.dns) {
         if record.dns_registered {
-            if let Err(e) = dns.unregister(&record.iface, *ifindex).await {
+            if let Err(e) = dns.unregister(record.dns_entry(), *ifindex).await {
                 warn!("{e:#}");
                 first_error.get_or_insert(e);
             }
         }
+    }
+    if let Some(f) = changes.forwarder.take() {
+        info!("DNS forwarder on {}: {}", f.address(), f.counters());
     }
     crate::crashpoint::reached("mid-teardown").await;
     // Closing the last descriptor deletes the TUN device, and its addresses and routes with it.
@@ -446,15 +455,50 @@ async fn add_addresses(hello: &Hello, tun: &Tun) -> Result<()> {
     Ok(())
 }
 
+/// Registers the cluster's DNS: with resolvconf, a local forwarder that
+/// splits by domain, registered first; with systemd-resolved, the link's
+/// servers with the cluster's domains as search and routing domains. Only the
+/// pod's nameservers and its search domains in the cluster's domain are used;
+/// its options (`ndots:5`) never reach this machine.
 async fn register_dns(hello: &Hello, tun: &Tun, changes: &mut Changes) -> Result<()> {
     let index = tun.index()?;
+    let pod = resolv_conf::parse(&hello.resolv_conf);
+    let split = SplitDomains::from_search(&pod.search);
+    for (domain, why) in &split.dropped {
+        warn!("not installing the pod's search domain {domain}: {why}");
+    }
     let manager = DnsManager::detect().await;
+    let (entry, conf) = match &manager {
+        DnsManager::Resolvconf => {
+            let address = forwarder::address_for(tun.name())?;
+            let f = Forwarder::start(address, pod.nameservers.clone(), split.clone(), Sources::default()).await?;
+            info!(
+                "DNS forwarder on {address}: names in {} to the cluster's DNS, all others to this machine's nameservers",
+                split.zones.join(", ")
+            );
+            changes.forwarder = Some(f);
+            let conf = ResolvConf {
+                nameservers: vec![address],
+                search: split.search.clone(),
+            };
+            (forwarder::registration_name(tun.name()), conf)
+        }
+        DnsManager::Resolved(_) => {
+            let conf = ResolvConf {
+                nameservers: pod.nameservers.clone(),
+                search: split.search.clone(),
+            };
+            (tun.name().to_owned(), conf)
+        }
+    };
+    crate::crashpoint::reached("after-forwarder").await;
     let record = changes.record.as_mut().expect("record exists once the TUN does");
     record.dns_registered = true;
     record.dns_via = manager.via();
+    record.dns_name = Some(entry.clone());
     record.save()?;
     let manager = &changes.dns.insert((manager, index)).0;
-    manager.register(tun.name(), index, &hello.resolv_conf).await?;
+    manager.register(&entry, index, &conf).await?;
     info!("registered the cluster's DNS for {} with {}", tun.name(), manager.via());
     crate::crashpoint::reached("after-dns").await;
     Ok(())

@@ -109,6 +109,8 @@ closed_set! {
         AfterAddresses = "after-addresses",
         /// The cluster's routes are in place.
         AfterRoutes = "after-routes",
+        /// The split-DNS forwarder listens (with resolvconf), not yet registered.
+        AfterForwarder = "after-forwarder",
         /// The cluster's DNS is registered.
         AfterDns = "after-dns",
         /// The tunnel carries traffic.
