@@ -51,6 +51,19 @@ pub enum AgentCommand {
         /// Seed of the content.
         seed: u64,
     },
+    /// Resolve `name` `count` times as applications do (getaddrinfo) and
+    /// print the median and 90th percentile time of one lookup.
+    Lookup {
+        name: String,
+        count: u32,
+        /// The name must not resolve (each lookup ends in "not found").
+        #[arg(long)]
+        missing: bool,
+        /// Send one A query to this DNS server per lookup instead of calling
+        /// getaddrinfo.
+        #[arg(long)]
+        server: Option<IpAddr>,
+    },
     /// Impair packets routed through TUN device `tun` (see impair.rs).
     Impair {
         /// TUN device to create.
@@ -212,8 +225,91 @@ fn token() -> Vec<u8> {
 }
 
 /// Runs an agent command.
+/// `lookup`: times `count` lookups of `name`, each of which must find an
+/// address (or, with `missing`, must not): getaddrinfo calls, or A queries
+/// sent straight to `server`.
+fn lookup(name: &str, count: u32, missing: bool, server: Option<IpAddr>) -> Result<()> {
+    use std::net::ToSocketAddrs;
+    let socket = match server {
+        Some(ip) => {
+            let s = UdpSocket::bind((unspecified(ip), 0))?;
+            s.connect((ip, 53))?;
+            s.set_read_timeout(Some(Duration::from_secs(2)))?;
+            Some(s)
+        }
+        None => None,
+    };
+    let mut times: Vec<Duration> = Vec::new();
+    for _ in 0..count.max(1) {
+        let t = std::time::Instant::now();
+        let found = match &socket {
+            Some(s) => query_a(s, name)?,
+            None => (name, 0).to_socket_addrs().map(|a| a.count()).unwrap_or(0),
+        };
+        times.push(t.elapsed());
+        match (found, missing) {
+            (0, false) => bail!("{name} does not resolve"),
+            (n, true) if n > 0 => bail!("{name} resolved to {n} addresses; it should not exist"),
+            _ => {}
+        }
+    }
+    times.sort();
+    let at = |q: f64| times[((times.len() - 1) as f64 * q).round() as usize].as_secs_f64() * 1000.0;
+    println!(
+        "ok: {} lookups of {name}: median {:.3} ms, p90 {:.3} ms",
+        times.len(),
+        at(0.5),
+        at(0.9)
+    );
+    Ok(())
+}
+
+/// The unspecified address of `ip`'s family.
+fn unspecified(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => std::net::Ipv4Addr::UNSPECIFIED.into(),
+        IpAddr::V6(_) => Ipv6Addr::UNSPECIFIED.into(),
+    }
+}
+
+/// One A query for `name` on the connected `socket`: how many addresses the
+/// answer holds (0 for NXDOMAIN or no data).
+fn query_a(socket: &UdpSocket, name: &str) -> Result<usize> {
+    use hickory_proto::op::{Message, Query, ResponseCode};
+    use hickory_proto::rr::{Name, RecordType};
+    let mut query = Message::query();
+    query.metadata.recursion_desired = true;
+    query.add_query(Query::query(Name::from_ascii(name)?, RecordType::A));
+    let id = query.metadata.id;
+    socket.send(&query.to_vec()?)?;
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = socket.recv(&mut buf).context("no answer from the DNS server")?;
+        let Ok(reply) = Message::from_vec(&buf[..n]) else {
+            continue;
+        };
+        if reply.metadata.id != id {
+            continue; // a late answer to an earlier query
+        }
+        return match reply.metadata.response_code {
+            ResponseCode::NoError | ResponseCode::NXDomain => Ok(reply
+                .answers
+                .iter()
+                .filter(|r| r.record_type() == RecordType::A)
+                .count()),
+            code => bail!("the DNS server answered {code}"),
+        };
+    }
+}
+
 pub fn run(cmd: AgentCommand) -> Result<()> {
     match cmd {
+        AgentCommand::Lookup {
+            name,
+            count,
+            missing,
+            server,
+        } => lookup(&name, count, missing, server),
         AgentCommand::Serve {
             name,
             echo_port,

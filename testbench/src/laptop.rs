@@ -122,6 +122,8 @@ fn laptop_layers(dns: DnsManager, packages: &[PathBuf]) -> Result<PathBuf> {
 pub struct Laptop {
     /// Its network namespace.
     pub ns: Netns,
+    /// Its DNS manager.
+    pub dns: DnsManager,
     /// The bind-mounted mount-namespace file.
     mnt: PathBuf,
     /// Private mount point holding `mnt`.
@@ -222,6 +224,7 @@ impl Laptop {
         std::fs::create_dir_all(&holder)?;
         let laptop = Laptop {
             ns,
+            dns: variant,
             mnt: holder.join("mnt"),
             holder: holder.clone(),
             mounted: false.into(),
@@ -257,6 +260,21 @@ impl Laptop {
             bail!("the laptop's DNS manager ({variant}) is not in place: {probe}");
         }
         Ok(laptop)
+    }
+
+    /// Registers a LAN's resolver for `eth0` as DHCP would: `eth0.dhclient`
+    /// (dhclient's hook for Debian resolvconf), `eth0` (for openresolv), or
+    /// the link's DNS server and domain (systemd-resolved).
+    pub fn register_lan_dns(&self, server: std::net::Ipv4Addr, domain: &str) -> Result<()> {
+        let conf = format!("nameserver {server}\nsearch {domain}\n");
+        let script = match self.dns {
+            DnsManager::Debian => format!("printf '{conf}' | resolvconf -a eth0.dhclient"),
+            DnsManager::Openresolv => format!("printf '{conf}' | resolvconf -a eth0"),
+            DnsManager::Resolved => format!("resolvectl dns eth0 {server} && resolvectl domain eth0 {domain}"),
+        };
+        self.run_sh(&script)
+            .map(|_| ())
+            .context("cannot register the home LAN's resolver on the laptop")
     }
 
     /// A command that runs `program` on the laptop (its network and mount namespaces).

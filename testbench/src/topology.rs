@@ -69,6 +69,16 @@ pub struct Topology {
     #[serde(default = "one")]
     #[schemars(range(min = 1, max = 8))]
     pub clusters: u8,
+    /// The laptop sits on a home LAN: behind a home router with NAT and a LAN
+    /// resolver registered as DHCP would (the first cluster's uplink). Turning
+    /// it off needs `no_lan_because`.
+    #[serde(default = "yes")]
+    pub lan: bool,
+    /// Why this scenario's laptop has no home LAN (required with `lan = false`).
+    pub no_lan_because: Option<String>,
+    /// The home router's conntrack timeout for UDP, in seconds (the kernel's
+    /// default when not given): how long an idle NAT mapping lives.
+    pub nat_udp_timeout: Option<u32>,
 }
 
 fn one() -> u8 {
@@ -93,6 +103,9 @@ impl Default for Topology {
             forbid: Vec::new(),
             nodes: 1,
             clusters: 1,
+            lan: true,
+            no_lan_because: None,
+            nat_udp_timeout: None,
         }
     }
 }

@@ -112,6 +112,16 @@ fn server_restarts() {
 }
 
 #[test]
+fn split_dns_beside_a_lan_resolver_under_every_dns_manager() {
+    run_scenario("dns.toml");
+}
+
+#[test]
+fn the_forwarder_follows_the_laptops_nameservers() {
+    run_scenario("dns-follows.toml");
+}
+
+#[test]
 fn resolved_routes_only_cluster_names_to_the_cluster() {
     run_scenario("dns-routing.toml");
 }

@@ -4,7 +4,8 @@
 //! cluster's DNS and everything else to the nameservers the laptop had
 //! (read again on each query, so it follows changes to them). It listens
 //! only on a loopback address of its own (127.0.53.N for telN-1), over UDP and
-//! TCP, and retries a truncated answer over TCP.
+//! TCP; a truncated answer reaches the client truncated, and its retry over TCP
+//! goes upstream over TCP.
 //!
 //! Several clients at once: each forwarder asks the others (loopback
 //! addresses in 127.0.53.0/24) before the laptop's nameservers, and answers
@@ -64,6 +65,8 @@ pub struct Counters {
     pub failed: AtomicU64,
     /// Packets that were not a DNS query, dropped.
     pub malformed: AtomicU64,
+    /// Queries that came over TCP.
+    pub tcp: AtomicU64,
 }
 
 impl std::fmt::Display for Counters {
@@ -71,12 +74,13 @@ impl std::fmt::Display for Counters {
         let n = |c: &AtomicU64| c.load(Ordering::Relaxed);
         write!(
             f,
-            "{} to the cluster, {} elsewhere, {} refused, {} unanswered, {} malformed",
+            "{} to the cluster, {} elsewhere, {} refused, {} unanswered, {} malformed; {} over TCP",
             n(&self.cluster),
             n(&self.elsewhere),
             n(&self.refused),
             n(&self.failed),
-            n(&self.malformed)
+            n(&self.malformed),
+            n(&self.tcp)
         )
     }
 }
@@ -271,6 +275,9 @@ async fn answer(shared: &Shared, packet: &[u8], from: IpAddr, tcp: bool) -> Opti
         return None;
     };
     let c = &shared.counters;
+    if tcp {
+        c.tcp.fetch_add(1, Ordering::Relaxed);
+    }
     let servers = if shared.split.is_cluster_name(&query.name) {
         c.cluster.fetch_add(1, Ordering::Relaxed);
         shared.cluster_servers.clone()
@@ -294,8 +301,9 @@ async fn answer(shared: &Shared, packet: &[u8], from: IpAddr, tcp: bool) -> Opti
     Some(dns::error_reply(&query, ResponseCode::ServFail))
 }
 
-/// Asks `server`: over UDP (then TCP if the answer was truncated), or over TCP
-/// when the client used TCP. Returns the reply and its code.
+/// Asks `server` the way the client asked: over UDP, or over TCP. A truncated
+/// UDP answer goes back as it is, so the client asks again over TCP (an answer
+/// larger than it can take over UDP must not reach it over UDP).
 async fn exchange(
     own: IpAddr,
     server: IpAddr,
@@ -305,18 +313,15 @@ async fn exchange(
 ) -> Option<(Vec<u8>, ResponseCode)> {
     let id = query.message.metadata.id;
     let to = SocketAddr::new(server, PORT);
-    if !tcp {
-        let reply = tokio::time::timeout(UPSTREAM_TIMEOUT, udp_exchange(own, to, packet, id))
+    let reply = if tcp {
+        tokio::time::timeout(UPSTREAM_TIMEOUT, tcp_exchange(to, packet))
             .await
-            .ok()??;
-        let header = dns::read_reply_header(&reply)?;
-        if !header.truncated {
-            return Some((reply, header.code));
-        }
-    }
-    let reply = tokio::time::timeout(UPSTREAM_TIMEOUT, tcp_exchange(to, packet))
-        .await
-        .ok()??;
+            .ok()??
+    } else {
+        tokio::time::timeout(UPSTREAM_TIMEOUT, udp_exchange(own, to, packet, id))
+            .await
+            .ok()??
+    };
     let header = dns::read_reply_header(&reply)?;
     (header.id == id).then_some((reply, header.code))
 }

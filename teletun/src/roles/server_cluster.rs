@@ -104,6 +104,9 @@ impl Takeover {
             // would, so our rule makes the kernel stop answering for the pod IP as
             // its own; proxy ARP answers instead (the route leads to another device).
             self.set(&format!("net.ipv4.conf.{iface}.proxy_arp"), "1")?;
+            // Proxy ARP answers after a random wait of up to proxy_delay (0.8 s by
+            // default): a neighbour's first packet to the pod would wait that long.
+            self.set(&format!("net.ipv4.neigh.{iface}.proxy_delay"), "0")?;
             self.netlink
                 .add_route_in("0.0.0.0/0".parse()?, self.tun_index, TAKEOVER_TABLE)
                 .await?;

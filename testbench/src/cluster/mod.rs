@@ -1,7 +1,7 @@
 //! A Kubernetes-like cluster built from network namespaces:
 //!
 //! ```text
-//! laptop ── router ── node1 (server-external, hostNetwork)
+//! laptop ── home (NAT, LAN resolver) ── router ── node1 (server-external, hostNetwork)
 //!                       └─ br0 ── teletun (server-cluster), app (echo + HTTP), dns (dnsmasq)
 //! ```
 //!
@@ -32,7 +32,7 @@ use anyhow::{bail, Context, Result};
 
 pub use api::{BrokenKubeconfig, EXTERNAL_POD};
 pub use net::{NodeNet, Pod};
-pub use plan::{Plan, ECHO_PORT, HTTP_PORT};
+pub use plan::{HomeLan, Plan, ECHO_PORT, HTTP_PORT};
 pub use servers::KeyName;
 pub use services::Service;
 
@@ -80,7 +80,9 @@ pub struct Cluster {
     pub laptop: Arc<Laptop>,
     /// Its address plan.
     pub plan: Plan,
-    /// Between laptop and nodes.
+    /// The laptop's home router (NAT, LAN resolver), if it is on a home LAN.
+    pub home: Option<Netns>,
+    /// Between the laptop (or its home router) and the nodes.
     pub router: Netns,
     /// The node running server-external (hostNetwork) and server-cluster: node1.
     pub node: Netns,
@@ -144,14 +146,17 @@ impl Cluster {
             made.push(ns.clone());
             Ok(ns)
         };
+        // Only a new laptop gets a home LAN; another cluster is reached over an uplink of its own.
+        let with_home = matches!(source, LaptopSource::New) && topology.lan;
         let parts = (|| {
             let laptop_ns = match source {
                 LaptopSource::New => Some(mk("laptop")?),
                 LaptopSource::Shared(_) => None,
             };
-            Ok::<_, anyhow::Error>((laptop_ns, mk("router")?, mk("node1")?))
+            let home = if with_home { Some(mk("home")?) } else { None };
+            Ok::<_, anyhow::Error>((laptop_ns, home, mk("router")?, mk("node1")?))
         })();
-        let (laptop_ns, router, node) = match parts {
+        let (laptop_ns, home, router, node) = match parts {
             Ok(p) => p,
             Err(e) => {
                 made.iter().for_each(Netns::delete);
@@ -176,6 +181,7 @@ impl Cluster {
             dir,
             laptop,
             plan,
+            home,
             router,
             node: node.clone(),
             nodes: Vec::new(),
@@ -193,9 +199,19 @@ impl Cluster {
         Ok(cluster)
     }
 
-    /// Wires the made namespaces and starts what the pods run.
+    /// Wires the made namespaces and starts what the pods (and the home
+    /// router) run.
     fn populate(&mut self, node1: Netns, topology: &Topology) -> Result<()> {
-        net::wire_router(&self.laptop.ns, &self.router, self.plan)?;
+        match self.home.clone() {
+            Some(home) => {
+                net::wire_home(&self.laptop.ns, &home, HomeLan, topology.nat_udp_timeout, &self.dir)?;
+                net::wire_router(&home, net::HOME_WAN_IF, &self.router, self.plan)?;
+                let resolver = dns::start_lan(&home, HomeLan, &self.dir.join("lan-dns.log"))?;
+                self.processes.push(resolver);
+                self.laptop.register_lan_dns(HomeLan.router_ip(), plan::LAN_DOMAIN)?;
+            }
+            None => net::wire_router(&self.laptop.ns, &self.plan.uplink(), &self.router, self.plan)?,
+        }
         self.add_node_numbered(1, Some(node1))?;
         for k in 2..=topology.nodes {
             self.add_node_numbered(k, None)?;
@@ -417,6 +433,9 @@ impl Cluster {
         }
         self.node.delete();
         self.router.delete();
+        if let Some(home) = &self.home {
+            home.delete();
+        }
     }
 }
 

@@ -2,15 +2,17 @@
 //! addresses, routes and forwarding, all set over netlink:
 //!
 //! ```text
-//! laptop ethN ── to-laptop router "nodes" bridge ── to-nodeK ── eth0 nodeK br0 ── v-POD ── eth0 POD
+//! laptop eth0 ── lan0 home wan0 ── to-laptop router "nodes" bridge ── to-nodeK ── eth0 nodeK br0 ── v-POD ── eth0 POD
+//!   (without a home LAN, or for another cluster: laptop ethN ── to-laptop router)
 //! ```
 
 use std::net::{Ipv4Addr, Ipv6Addr};
+use std::path::Path;
 
 use anyhow::{Context, Result};
 use ipnet::IpNet;
 
-use super::plan::Plan;
+use super::plan::{HomeLan, Plan};
 use crate::netlink::Via;
 use crate::netns::{self, Netns};
 
@@ -77,26 +79,57 @@ fn default_route(v6: bool) -> IpNet {
     }
 }
 
-/// Joins the laptop to `router` over the laptop's uplink for `plan`, and gives
-/// the router its bridge for the nodes. The first cluster's router is the
-/// laptop's default route; another cluster's only routes its nodes' network.
-pub fn wire_router(laptop: &Netns, router: &Netns, plan: Plan) -> Result<()> {
-    let (laptop_ip, router_ip) = plan.laptop_link();
-    let uplink = plan.uplink();
-    netns::veth(laptop, &uplink, router, "to-laptop")?;
-    let on_laptop = laptop.netlink()?;
-    on_laptop.add_address(&uplink, net(laptop_ip, 24))?;
+/// Joins `edge` (the laptop, or its home router) to `router` over `edge_if`
+/// for `plan`, and gives the router its bridge for the nodes. The first
+/// cluster's router is the edge's default route; another cluster's only routes
+/// its nodes' network.
+pub fn wire_router(edge: &Netns, edge_if: &str, router: &Netns, plan: Plan) -> Result<()> {
+    let (edge_ip, router_ip) = plan.laptop_link();
+    netns::veth(edge, edge_if, router, "to-laptop")?;
+    let on_edge = edge.netlink()?;
+    on_edge.add_address(edge_if, net(edge_ip, 24))?;
     let towards = if plan.index == 0 {
         default_route(false)
     } else {
         plan.nodes_net()
     };
-    on_laptop.add_route(towards, Via::Gateway(router_ip.into()), None)?;
+    on_edge.add_route(towards, Via::Gateway(router_ip.into()), None)?;
     let on_router = router.netlink()?;
     on_router.add_address("to-laptop", net(router_ip, 24))?;
     on_router.add_bridge("nodes")?;
     on_router.add_address("nodes", net(plan.router_nodes_ip(), 24))?;
     router.sysctl("net.ipv4.ip_forward", "1")
+}
+
+/// The home router's interfaces: towards the laptop, and towards the internet.
+pub const HOME_LAN_IF: &str = "lan0";
+/// The home router's WAN interface.
+pub const HOME_WAN_IF: &str = "wan0";
+
+/// Puts the laptop on the home LAN: `eth0` with the address DHCP would give,
+/// the home router as its gateway, and the home router masquerading what it
+/// forwards to the internet (with `udp_timeout` as its UDP conntrack timeout).
+pub fn wire_home(laptop: &Netns, home: &Netns, lan: HomeLan, udp_timeout: Option<u32>, dir: &Path) -> Result<()> {
+    netns::veth(laptop, "eth0", home, HOME_LAN_IF)?;
+    let on_laptop = laptop.netlink()?;
+    on_laptop.add_address("eth0", net(lan.laptop_ip(), 24))?;
+    on_laptop.add_route(default_route(false), Via::Gateway(lan.router_ip().into()), None)?;
+    home.netlink()?.add_address(HOME_LAN_IF, net(lan.router_ip(), 24))?;
+    home.sysctl("net.ipv4.ip_forward", "1")?;
+    let nat = format!(
+        "table ip home-nat {{\n  chain postrouting {{\n    type nat hook postrouting priority srcnat;\n    \
+         oifname \"{HOME_WAN_IF}\" masquerade\n  }}\n}}\n"
+    );
+    let file = dir.join("home-nat.nft");
+    std::fs::write(&file, nat).with_context(|| format!("cannot write {}", file.display()))?;
+    home.run("nft", &["-f", &file.to_string_lossy()])
+        .context("cannot install the home router's NAT (is nftables installed?)")?;
+    if let Some(seconds) = udp_timeout {
+        // Exists once NAT has loaded conntrack in the namespace.
+        home.sysctl("net.netfilter.nf_conntrack_udp_timeout", &seconds.to_string())?;
+        home.sysctl("net.netfilter.nf_conntrack_udp_timeout_stream", &seconds.to_string())?;
+    }
+    Ok(())
 }
 
 /// Wires node `n`: underlay on the router's bridge, a bridge for its pods,

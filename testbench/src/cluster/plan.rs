@@ -13,6 +13,38 @@ pub const ECHO_PORT: u16 = 7007;
 /// HTTP port on the app pods.
 pub const HTTP_PORT: u16 = 8080;
 
+/// The nodes' own DNS search domain (a cloud provider's, say), which
+/// kubelet appends to every pod's search list.
+pub const NODE_DOMAIN: &str = "nodes.internal";
+
+/// The home LAN's domain (the LAN resolver's own names).
+pub const LAN_DOMAIN: &str = "home.arpa";
+
+/// The home LAN (only the first cluster's uplink has one): the laptop, the
+/// home router (gateway, NAT, resolver) and a NAS, on 192.168.1.0/24.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HomeLan;
+
+impl HomeLan {
+    /// The laptop's address, as DHCP gave it.
+    pub fn laptop_ip(self) -> Ipv4Addr {
+        Ipv4Addr::new(192, 168, 1, 10)
+    }
+    /// The home router: gateway and resolver.
+    pub fn router_ip(self) -> Ipv4Addr {
+        Ipv4Addr::new(192, 168, 1, 1)
+    }
+    /// A LAN host the resolver knows (`nas.home.arpa`); nothing listens there.
+    pub fn nas_ip(self) -> Ipv4Addr {
+        Ipv4Addr::new(192, 168, 1, 20)
+    }
+    /// A name "on the internet" the home router's resolver answers, as it
+    /// would by forwarding: `www.example.com` (RFC 2606 names only).
+    pub fn internet_name(self) -> (&'static str, Ipv4Addr) {
+        ("www.example.com", Ipv4Addr::new(198, 51, 100, 80))
+    }
+}
+
 /// The address plan of one cluster.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Plan {
@@ -85,7 +117,8 @@ impl Plan {
         v4(self.router_nodes_ip(), 24).trunc()
     }
 
-    /// The laptop's and the router's addresses on their link.
+    /// The addresses on the link into the router: the laptop's (or, behind a
+    /// home LAN, its home router's WAN side) and the router's.
     pub fn laptop_link(self) -> (Ipv4Addr, Ipv4Addr) {
         (
             Ipv4Addr::new(198, 51, 100 + self.index, 2),
@@ -121,10 +154,11 @@ impl Plan {
         self.service_ip(10)
     }
 
-    /// The resolv.conf a pod of this cluster gets.
+    /// The resolv.conf a pod of this cluster gets: as kubelet writes it, with
+    /// the node's own search domain after the cluster's (pods inherit it).
     pub fn pod_resolv_conf(self) -> String {
         let (dns, d) = (self.dns_ip(), self.domain());
-        format!("nameserver {dns}\nsearch default.svc.{d} svc.{d} {d}\noptions ndots:5\n")
+        format!("nameserver {dns}\nsearch default.svc.{d} svc.{d} {d} {NODE_DOMAIN}\noptions ndots:5\n")
     }
 }
 
@@ -147,6 +181,11 @@ mod tests {
         let a = Plan { index: 0 };
         assert_eq!(a.name(), "a");
         assert_eq!(a.pod_v4(1, 5).to_string(), "10.244.1.5");
+        assert_eq!(HomeLan.laptop_ip().to_string(), "192.168.1.10");
+        assert!(!a
+            .static_routes()
+            .iter()
+            .any(|r| r.contains(&std::net::IpAddr::from(HomeLan.laptop_ip()))));
         assert_eq!(a.pod_v6(1, 5).to_string(), "fd00:10:244:1::5");
         assert_eq!(
             a.pod_cidrs(2).map(|c| c.to_string()),
@@ -170,7 +209,7 @@ mod tests {
         );
         assert_eq!(
             a.pod_resolv_conf(),
-            "nameserver 10.96.0.10\nsearch default.svc.cluster.local svc.cluster.local cluster.local\noptions ndots:5\n"
+            "nameserver 10.96.0.10\nsearch default.svc.cluster.local svc.cluster.local cluster.local nodes.internal\noptions ndots:5\n"
         );
     }
 

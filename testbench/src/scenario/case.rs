@@ -3,11 +3,12 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::PathBuf;
+use std::process::Command;
 use std::time::Duration;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 
-use super::values::Target;
+use super::values::{Place, Target};
 use crate::cluster::Cluster;
 use crate::exec::{self, Background};
 use crate::impair::Impairment;
@@ -41,9 +42,25 @@ impl Case<'_> {
         &mut self.clusters[0]
     }
 
-    /// Runs `program args…` on the laptop; fails (with its last lines) unless it exits 0.
-    pub fn laptop_check(&self, program: &str, args: &[&str]) -> Result<String> {
-        let mut c = self.cluster().laptop.cmd(program);
+    /// A command running `program` at `place`.
+    pub fn command_on(&self, place: &Place, program: impl AsRef<std::ffi::OsStr>) -> Result<Command> {
+        let cluster = self.cluster();
+        Ok(match place {
+            Place::Laptop => cluster.laptop.cmd(program),
+            Place::Node => cluster.node.cmd(program),
+            Place::Router => cluster.router.cmd(program),
+            Place::Home => cluster
+                .home
+                .as_ref()
+                .context("this laptop has no home LAN ([topology] lan = false)")?
+                .cmd(program),
+            Place::Pod(pod) => cluster.pod(pod)?.ns.cmd(program),
+        })
+    }
+
+    /// Runs `program args…` at `place`; fails (with its last lines) unless it exits 0.
+    pub fn check_on(&self, place: &Place, program: impl AsRef<std::ffi::OsStr>, args: &[&str]) -> Result<String> {
+        let mut c = self.command_on(place, program)?;
         c.args(args);
         let out = exec::output(c, Duration::from_secs(20))?;
         if !out.status.success() {
@@ -52,12 +69,21 @@ impl Case<'_> {
         Ok(out.stdout)
     }
 
-    /// Runs `testbench agent ARGS…` on the laptop.
-    pub fn agent_on_laptop(&self, args: &[&str]) -> Result<String> {
-        let me = std::env::current_exe()?;
+    /// Runs `program args…` on the laptop; fails (with its last lines) unless it exits 0.
+    pub fn laptop_check(&self, program: &str, args: &[&str]) -> Result<String> {
+        self.check_on(&Place::Laptop, program, args)
+    }
+
+    /// Runs `testbench agent ARGS…` at `place`.
+    pub fn agent_on(&self, place: &Place, args: &[&str]) -> Result<String> {
         let mut full = vec!["agent"];
         full.extend_from_slice(args);
-        self.laptop_check(&me.to_string_lossy(), &full)
+        self.check_on(place, std::env::current_exe()?, &full)
+    }
+
+    /// Runs `testbench agent ARGS…` on the laptop.
+    pub fn agent_on_laptop(&self, args: &[&str]) -> Result<String> {
+        self.agent_on(&Place::Laptop, args)
     }
 
     /// The address a target stands for in the current cluster.

@@ -1,6 +1,6 @@
 //! What a step's keys are when the file leaves them out.
 
-use super::values::{KeyName, ServerSignal, StopSignal};
+use super::values::{KeyName, LookupTool, Place, ServerSignal, StopSignal};
 
 pub fn main_client() -> String {
     "main".into()
@@ -37,4 +37,13 @@ pub fn http_port() -> u16 {
 }
 pub fn seed_one() -> u64 {
     1
+}
+pub fn hundred() -> u32 {
+    100
+}
+pub fn laptop() -> Place {
+    Place::Laptop
+}
+pub fn getent() -> LookupTool {
+    LookupTool::Getent
 }

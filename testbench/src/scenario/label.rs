@@ -1,6 +1,7 @@
 //! How steps appear in reports, and which steps are set-up or expected to fail.
 
 use super::schema::*;
+use super::values::Place;
 
 fn v6(ipv6: bool) -> &'static str {
     if ipv6 {
@@ -39,6 +40,16 @@ impl Step {
             Step::UdpEcho(s) => format!("UDP echo {}{}", s.to, v6(s.ipv6)),
             Step::Http(s) => format!("HTTP {}{}", s.to, fails(s.expect_failure)),
             Step::Resolve(s) => format!("resolve {} → {}", s.name, s.expect),
+            Step::LookupLatency(s) => {
+                let mut label = format!("{} lookups of {}", s.count, s.name);
+                if let Some(server) = &s.server {
+                    label += &format!(" at {server}");
+                }
+                if s.on != Place::Laptop {
+                    label += &format!(" on {}", s.on);
+                }
+                label
+            }
             Step::AddPod(AddPod { name, node: None }) => format!("add pod {name}"),
             Step::AddPod(AddPod { name, node: Some(n) }) => format!("add pod {name} on {n}"),
             Step::AddNode(_) => "add a node".into(),

@@ -173,7 +173,7 @@ fn unknown_step_kinds_and_values_list_the_allowed_ones() {
     assert!(problem("name = 'x'\n[[step]]\ndo = 'ping'\nto = 3\n").starts_with("4: invalid type: integer"));
     assert!(
         problem("name = 'x'\n[[step]]\ndo = 'run'\non = 'moon'\ncommand = 'true'\n")
-            .starts_with("4: unknown place \"moon\"; the allowed values are laptop, node, router, pod:NAME")
+            .starts_with("4: unknown place \"moon\"; the allowed values are laptop, node, router, home, pod:NAME")
     );
 }
 

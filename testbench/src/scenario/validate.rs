@@ -97,6 +97,23 @@ pub fn check(topology: &Topology, steps: &[Step], profiles: &BTreeSet<String>) -
             ),
         });
     }
+    match (topology.lan, &topology.no_lan_because) {
+        (false, None) => found.push(Finding {
+            at: At::Topology("lan"),
+            message: "lan = false needs no_lan_because = \"…\": say why this laptop has no home LAN".into(),
+        }),
+        (true, Some(_)) => found.push(Finding {
+            at: At::Topology("no_lan_because"),
+            message: "no_lan_because goes with lan = false".into(),
+        }),
+        _ => {}
+    }
+    if !topology.lan && topology.nat_udp_timeout.is_some() {
+        found.push(Finding {
+            at: At::Topology("nat_udp_timeout"),
+            message: "nat_udp_timeout needs the home LAN (lan = true), whose router does the NAT".into(),
+        });
+    }
     let clusters = topology.clusters.clamp(1, MAX_CLUSTERS);
     let mut world: Vec<Objects> = (0..clusters).map(|_| Objects::new(topology.nodes)).collect();
     let names: Vec<String> = (0..clusters).map(|i| char::from(b'a' + i).to_string()).collect();
@@ -170,7 +187,21 @@ pub fn check(topology: &Topology, steps: &[Step], profiles: &BTreeSet<String>) -
                 }
             }
             Step::ConnectBack(s) if here.pods.get(&s.from) != Some(&true) => problem("from", no_pod(&s.from)),
-            Step::Run(Run { on: Place::Pod(p), .. }) if here.pods.get(p) != Some(&true) => problem("on", no_pod(p)),
+            Step::Run(Run { on, .. }) => place(on, here, topology.lan && current == 0, &mut problem),
+            Step::LookupLatency(s) => {
+                place(&s.on, here, topology.lan && current == 0, &mut problem);
+                if let Some(t) = &s.server {
+                    let mut at_server = |_: &'static str, m: String| problem("server", m);
+                    target(t, false, &mut at_server);
+                }
+            }
+            Step::LogContains(LogContains {
+                process: Process::LanDns,
+                ..
+            }) if !topology.lan || current != 0 => problem(
+                "process",
+                "lan-dns runs in the home router of the first cluster's uplink (and only with lan = true)".into(),
+            ),
             Step::AddPod(s) => {
                 if !is_dns_label(&s.name) {
                     problem(
@@ -274,6 +305,18 @@ pub fn check(topology: &Topology, steps: &[Step], profiles: &BTreeSet<String>) -
         }
     }
     found
+}
+
+/// A `place` names a live pod, or the home router only where there is one.
+fn place(on: &Place, here: &Objects, has_home: bool, problem: &mut dyn FnMut(&'static str, String)) {
+    match on {
+        Place::Pod(p) if here.pods.get(p) != Some(&true) => problem("on", no_pod(p)),
+        Place::Home if !has_home => problem(
+            "on",
+            "only the first cluster's laptop uplink has a home router (and only with lan = true)".into(),
+        ),
+        _ => {}
+    }
 }
 
 fn list(names: &BTreeSet<String>) -> String {

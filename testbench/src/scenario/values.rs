@@ -91,6 +91,16 @@ closed_set! {
 }
 
 closed_set! {
+    /// How `resolve` looks a name up on the laptop.
+    pub enum LookupTool("lookup tool") {
+        /// `getent ahostsv4` (or `ahostsv6` for `/ipv6`): getaddrinfo, the first address.
+        Getent = "getent",
+        /// `getent hosts`: gethostbyname2, as older programs resolve.
+        GetentHosts = "getent-hosts",
+    }
+}
+
+closed_set! {
     /// Which way a `transfer` moves its bytes.
     pub enum Direction("direction") {
         /// From the app pod to the laptop.
@@ -192,7 +202,7 @@ impl std::fmt::Display for Target {
 pub enum Answer {
     /// `nothing`: no address at all.
     Nothing,
-    /// The target's address (`POD`, `POD/ipv6`, `service:NAME`).
+    /// The target's address (`POD`, `POD/ipv6`, `service:NAME`, or an address itself).
     Address {
         /// Whose address.
         target: Target,
@@ -213,8 +223,9 @@ impl FromStr for Answer {
         };
         match target.parse() {
             Ok(target @ (Target::Pod(_) | Target::Service(_))) => Ok(Answer::Address { target, ipv6 }),
+            Ok(target @ Target::Address(_)) if !ipv6 => Ok(Answer::Address { target, ipv6: false }),
             _ => Err(format!(
-                "unknown answer {s:?}; the allowed values are POD, POD/ipv6, service:NAME or nothing"
+                "unknown answer {s:?}; the allowed values are POD, POD/ipv6, service:NAME, an IP address or nothing"
             )),
         }
     }
@@ -239,6 +250,8 @@ pub enum Place {
     Node,
     /// The router between the laptop and the nodes.
     Router,
+    /// The laptop's home router (NAT, LAN resolver).
+    Home,
     /// `pod:NAME`: a pod's network namespace.
     Pod(String),
 }
@@ -250,10 +263,11 @@ impl FromStr for Place {
             "laptop" => Ok(Place::Laptop),
             "node" => Ok(Place::Node),
             "router" => Ok(Place::Router),
+            "home" => Ok(Place::Home),
             other => match other.strip_prefix("pod:") {
                 Some(pod) => label("pod", pod).map(Place::Pod),
                 None => Err(format!(
-                    "unknown place {other:?}; the allowed values are laptop, node, router, pod:NAME"
+                    "unknown place {other:?}; the allowed values are laptop, node, router, home, pod:NAME"
                 )),
             },
         }
@@ -266,6 +280,7 @@ impl std::fmt::Display for Place {
             Place::Laptop => f.write_str("laptop"),
             Place::Node => f.write_str("node"),
             Place::Router => f.write_str("router"),
+            Place::Home => f.write_str("home"),
             Place::Pod(p) => write!(f, "pod:{p}"),
         }
     }
@@ -278,6 +293,8 @@ pub enum Process {
     Server(Role),
     /// The cluster's DNS server.
     Dnsmasq,
+    /// The home LAN's resolver.
+    LanDns,
     /// The userspace impairer in the router.
     Impairer,
     /// `client:NAME`: a client started by `start-client` (also after it ended).
@@ -290,6 +307,7 @@ impl Process {
         match self {
             Process::Server(r) => r.as_str(),
             Process::Dnsmasq => "dnsmasq",
+            Process::LanDns => "lan-dns",
             Process::Impairer => "impairer",
             Process::Client(name) => name,
         }
@@ -304,10 +322,11 @@ impl FromStr for Process {
         }
         match s {
             "dnsmasq" => Ok(Process::Dnsmasq),
+            "lan-dns" => Ok(Process::LanDns),
             "impairer" => Ok(Process::Impairer),
             other => other.parse().map(Process::Server).map_err(|_| {
                 format!(
-                    "unknown process {other:?}; the allowed values are server-external, server-cluster, dnsmasq, impairer, client:NAME"
+                    "unknown process {other:?}; the allowed values are server-external, server-cluster, dnsmasq, lan-dns, impairer, client:NAME"
                 )
             }),
         }
@@ -358,18 +377,18 @@ parsed_string!(
 );
 parsed_string!(
     Answer,
-    r"^(nothing|[a-z0-9]([-a-z0-9]*[a-z0-9])?(/ipv6)?|service:[a-z0-9]([-a-z0-9]*[a-z0-9])?)$",
-    "POD, POD/ipv6, service:NAME or nothing"
+    r"^(nothing|[a-z0-9]([-a-z0-9]*[a-z0-9])?(/ipv6)?|service:[a-z0-9]([-a-z0-9]*[a-z0-9])?|[0-9a-fA-F.:]+)$",
+    "POD, POD/ipv6, service:NAME, an IP address or nothing"
 );
 parsed_string!(
     Place,
-    r"^(laptop|node|router|pod:[a-z0-9]([-a-z0-9]*[a-z0-9])?)$",
-    "laptop, node, router or pod:NAME"
+    r"^(laptop|node|router|home|pod:[a-z0-9]([-a-z0-9]*[a-z0-9])?)$",
+    "laptop, node, router, home or pod:NAME"
 );
 parsed_string!(
     Process,
-    r"^(server-external|server-cluster|dnsmasq|impairer|client:.+)$",
-    "server-external, server-cluster, dnsmasq, impairer or client:NAME"
+    r"^(server-external|server-cluster|dnsmasq|lan-dns|impairer|client:.+)$",
+    "server-external, server-cluster, dnsmasq, lan-dns, impairer or client:NAME"
 );
 
 #[cfg(test)]
@@ -396,7 +415,7 @@ mod tests {
         assert!("moon"
             .parse::<Place>()
             .unwrap_err()
-            .contains("laptop, node, router, pod:NAME"));
+            .contains("laptop, node, router, home, pod:NAME"));
         assert_eq!("client:a".parse(), Ok(Process::Client("a".into())));
         assert_eq!("server-cluster".parse(), Ok(Process::Server(Role::ServerCluster)));
         for s in ["app", "service:web", "10.0.0.1", "node:node2"] {

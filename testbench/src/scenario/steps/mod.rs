@@ -35,6 +35,7 @@ pub fn perform(case: &mut Case, step: &Step) -> Result<()> {
         Step::Transfer(s) => connectivity::transfer(case, s),
         Step::Route(s) => connectivity::route(case, s),
         Step::Resolve(s) => dns::resolve(case, s),
+        Step::LookupLatency(s) => dns::lookup_latency(case, s),
         Step::AddPod(s) => changes::add_pod(case, s),
         Step::RemovePod(s) => changes::remove_pod(case, s),
         Step::AddService(s) => changes::add_service(case, s),

@@ -10,7 +10,7 @@ use super::super::case::Case;
 use super::super::schema::{
     ClientExits, CrashClient, KillClient, LogContains, Run, StartClient, StartServer, StopClient, StopServer,
 };
-use super::super::values::{CrashPoint, KillMode, Place, Process, Role};
+use super::super::values::{CrashPoint, KillMode, Process, Role};
 use crate::cluster::ClientOptions;
 use crate::exec::{self, Background};
 
@@ -182,13 +182,7 @@ pub fn log_contains(case: &mut Case, s: &LogContains) -> Result<()> {
 
 /// `run`: a shell command where the step says; exit status and output checked.
 pub fn run(case: &mut Case, s: &Run) -> Result<()> {
-    let cluster = case.cluster();
-    let mut c = match &s.on {
-        Place::Laptop => cluster.laptop.cmd("sh"),
-        Place::Node => cluster.node.cmd("sh"),
-        Place::Router => cluster.router.cmd("sh"),
-        Place::Pod(pod) => cluster.pod(pod)?.ns.cmd("sh"),
-    };
+    let mut c = case.command_on(&s.on, "sh")?;
     c.args(["-c", &s.command]);
     let out = exec::output(c, Duration::from_secs(60))?;
     if out.status.success() == s.expect_failure {

@@ -42,13 +42,20 @@ pub fn teletun_cleanup(case: &mut Case) -> Result<()> {
 /// Replaces what differs from run to run (MAC addresses, link-local addresses
 /// derived from them, namespace names, peer interface numbers) with fixed words,
 /// and sorts the listings whose order carries no meaning (links, addresses,
-/// routes, rules: the kernel orders them by values that were just replaced).
+/// routes, rules: the kernel orders them by values that were just replaced;
+/// the search line of systemd-resolved's stub file, which it fills from a hash
+/// table of links).
 pub fn normalize(state: &str) -> String {
     let mut out: Vec<String> = Vec::new();
     let mut unordered: Vec<String> = Vec::new();
     let mut sorting = false;
+    let resolved_stub = state.lines().any(|l| l == "nameserver 127.0.0.53");
     for line in normalize_words(state).lines() {
-        if line.starts_with("# ") {
+        if let Some(domains) = line.strip_prefix("search ").filter(|_| resolved_stub) {
+            let mut domains: Vec<&str> = domains.split_whitespace().collect();
+            domains.sort_unstable();
+            out.push(format!("search {}", domains.join(" ")));
+        } else if line.starts_with("# ") {
             unordered.sort();
             out.append(&mut unordered);
             sorting = ["# links", "# addresses", "# routes", "# rules"].contains(&line);
@@ -121,6 +128,17 @@ mod tests {
             "eth0@ifN: <BROADCAST> mtu 1500 link/ether MAC brd MAC link-netns RUN-router\n\
              eth0    inet6 fe80::LINKLOCAL/64 scope link"
         );
+    }
+
+    #[test]
+    fn only_resolveds_search_line_is_sorted() {
+        let stub = "nameserver 127.0.0.53\nsearch svc.cluster.local home.arpa";
+        assert_eq!(
+            normalize(stub),
+            "nameserver 127.0.0.53\nsearch home.arpa svc.cluster.local"
+        );
+        let merged = "nameserver 127.0.53.1\nsearch svc.cluster.local home.arpa";
+        assert_eq!(normalize(merged), merged);
     }
 
     #[test]

@@ -1,0 +1,80 @@
+//! Steps that change the cluster while clients run.
+
+use schemars::JsonSchema;
+use serde::Deserialize;
+
+use super::super::defaults;
+
+/// Add a pod running the app agent (echo, HTTP, blobs) to the cluster, with
+/// its DNS name and its API object.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AddPod {
+    /// Its name.
+    pub name: String,
+    /// Its node (`node1` when not given).
+    pub node: Option<String>,
+}
+
+/// Remove a pod with its DNS name and API object.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RemovePod {
+    /// Its name.
+    pub name: String,
+}
+
+/// Add a service for a pod's port at the next free cluster IP: a DNAT rule and
+/// `NAME.NAMESPACE.svc.DOMAIN`.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AddService {
+    /// Its name.
+    pub name: String,
+    /// Kubernetes namespace.
+    #[serde(default = "defaults::default_namespace")]
+    pub namespace: String,
+    /// The pod behind it.
+    pub pod: String,
+    /// Service port.
+    #[serde(default = "defaults::port_80")]
+    pub port: u16,
+    /// The pod's port.
+    #[serde(default = "defaults::http_port")]
+    pub target_port: u16,
+}
+
+/// Remove a service: its DNAT rules and its DNS name.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RemoveService {
+    /// Its name.
+    pub name: String,
+}
+
+/// Add the next node (`nodeN`) with its pod networks, routed between nodes.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AddNode {}
+
+/// Remove a node (not node1) with its pods.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RemoveNode {
+    /// Its name (`node2`, …).
+    pub name: String,
+}
+
+/// Act on cluster `name` (`a`, `b`, … with `[topology] clusters`) from now on.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UseCluster {
+    /// The cluster.
+    pub name: String,
+}
+
+/// Make the API forget its event history (as etcd compaction does): watchers
+/// get 410 Gone and must list again.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CompactApi {}
