@@ -3,8 +3,10 @@
 //!
 //! - [`proto`]: sans-IO codecs (control messages, IP packet inspection).
 //! - [`control`]: the TCP + TLS 1.3 control channel.
-//! - [`transport`]: the DTLS 1.2 data plane.
-//! - [`io`]: batched packet I/O (TUN, AF_UNIX, UDP) and pump threads.
+//! - [`tunnel`]: the sans-IO tunnel cores (DTLS 1.2) behind one seam.
+//! - [`plane`]: the data plane's runtime: threads running a tunnel's two
+//!   directions, server-cluster's relay, the handshake over UDP.
+//! - [`io`]: batched packet I/O (TUN, AF_UNIX, UDP) and segmentation offload.
 //! - [`netconf`]: addresses, routes, DNS registration, and the record of changes.
 //! - [`kube`]: finding server-external and the cluster's networks through the API.
 //! - [`roles`]: `client`, `server-external`, `server-cluster`, `cleanup`, `keygen`.
@@ -16,6 +18,7 @@ pub mod io;
 pub mod keys;
 pub mod kube;
 pub mod netconf;
+pub mod plane;
 pub mod proto;
 pub mod roles;
-pub mod transport;
+pub mod tunnel;

@@ -7,6 +7,7 @@ use anyhow::{bail, Result};
 use clap::Parser;
 use teletun::cli::{self, Cli, Command};
 use teletun::roles::{client, server_cluster, server_external};
+use teletun::tunnel::Transport;
 use teletun::{keys, roles};
 
 fn main() -> ExitCode {
@@ -92,6 +93,7 @@ fn run(cli: Cli) -> Result<()> {
                 routes: a.route,
                 tun_name: a.tun_name,
                 no_dns: a.no_dns,
+                transport: Transport::default(),
             };
             runtime()?.block_on(client::run(config))
         }
@@ -107,7 +109,8 @@ fn run(cli: Cli) -> Result<()> {
                 identity,
                 client_key,
                 sockfile: a.sockfile,
-                path_mtu: teletun::transport::dtls::udp_payload(usize::from(a.path_mtu), v6),
+                path_mtu: teletun::io::udp::udp_payload(usize::from(a.path_mtu), v6),
+                transport: Transport::default(),
             };
             runtime()?.block_on(server_external::run(config))
         }
@@ -116,6 +119,7 @@ fn run(cli: Cli) -> Result<()> {
             interface: a.interface,
             resolv_conf: a.resolv_conf,
             mtu: a.mtu,
+            transport: Transport::default(),
         })),
     }
 }

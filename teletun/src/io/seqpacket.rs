@@ -1,5 +1,6 @@
-//! AF_UNIX `SOCK_SEQPACKET` between server-external and server-cluster: one IP
-//! packet per message, boundaries kept by the kernel.
+//! AF_UNIX `SOCK_SEQPACKET` between server-external and server-cluster: one
+//! frame (virtio-net header + IP packet or super-packet) per message,
+//! boundaries kept by the kernel.
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
@@ -11,11 +12,14 @@ use anyhow::{Context, Result};
 use socket2::{Domain, SockAddr, Socket, Type};
 
 use super::batch::PacketBatch;
-use super::{sys, PacketSink, PacketSource};
+use super::offload::Capabilities;
+use super::{sys, FrameSink, FrameSource};
 
 /// One end of the AF_UNIX packet link.
 pub struct SeqPacket {
     sock: Socket,
+    /// What super-packets the other end takes (server-cluster's TUN).
+    peer_takes: Capabilities,
 }
 
 fn new_socket() -> io::Result<Socket> {
@@ -53,7 +57,15 @@ impl SeqPacket {
         sock.set_nonblocking(true)?;
         let _ = sock.set_send_buffer_size(4 << 20);
         let _ = sock.set_recv_buffer_size(4 << 20);
-        Ok(SeqPacket { sock })
+        Ok(SeqPacket {
+            sock,
+            peer_takes: Capabilities::default(),
+        })
+    }
+
+    /// Notes what super-packets the other end takes.
+    pub fn set_peer_takes(&mut self, capabilities: Capabilities) {
+        self.peer_takes = capabilities;
     }
 
     /// Connects to `path` once.
@@ -118,16 +130,23 @@ impl SeqPacket {
     }
 }
 
-impl PacketSource for Arc<SeqPacket> {
+impl FrameSource for Arc<SeqPacket> {
     fn fd(&self) -> RawFd {
         self.sock.as_raw_fd()
     }
 
-    fn recv(&mut self, batch: &mut PacketBatch) -> io::Result<usize> {
-        let before = batch.len();
-        let (n, _truncated) = sys::recv_batch(self.sock.as_raw_fd(), batch)?;
-        // End of stream arrives as a zero-length message; no peer sends empty packets.
-        if (before..batch.len()).any(|i| batch.get(i).is_empty()) {
+    /// Receives waiting messages (frames), one per buffer.
+    fn recv_frames(&mut self, frames: &mut PacketBatch) -> io::Result<usize> {
+        let before = frames.len();
+        let (n, truncated) = sys::recv_batch(self.sock.as_raw_fd(), frames, false)?;
+        if truncated > 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "a frame larger than 64 KiB on the AF_UNIX link",
+            ));
+        }
+        // End of stream arrives as a zero-length message; no peer sends empty frames.
+        if (before..frames.len()).any(|i| frames.get(i).is_empty()) {
             return Err(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
                 "the AF_UNIX peer closed the socket",
@@ -137,9 +156,13 @@ impl PacketSource for Arc<SeqPacket> {
     }
 }
 
-impl PacketSink for Arc<SeqPacket> {
-    fn send(&mut self, batch: &PacketBatch) -> io::Result<usize> {
-        sys::send_batch(self.sock.as_raw_fd(), batch, None)?;
+impl FrameSink for Arc<SeqPacket> {
+    fn capabilities(&self) -> Capabilities {
+        self.peer_takes
+    }
+
+    fn send_frames(&mut self, frames: &PacketBatch) -> io::Result<usize> {
+        sys::send_batch(self.sock.as_raw_fd(), frames, None)?;
         Ok(0)
     }
 }

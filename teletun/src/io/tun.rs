@@ -3,7 +3,10 @@
 //! With offload (`IFF_VNET_HDR`, TSO and checksum offload), the kernel hands
 //! over TCP segments of up to [`Tun::MAX_GSO_SEGMENTS`] packets in one read;
 //! tun-rs splits each into MTU-sized packets with their checksums, straight
-//! into the batch. Writes carry an empty virtio header (one packet each).
+//! into the batch at the headroom a record needs. Writes are frames: a
+//! virtio-net header and a packet, or a super-packet the coalescer
+//! ([`super::offload`]) built, which the receiving kernel handles as one.
+//! server-cluster moves frames as they are, both ways.
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
@@ -12,7 +15,8 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 
 use super::batch::{PacketBatch, BATCH_SIZE};
-use super::{PacketSink, PacketSource};
+use super::offload::{Capabilities, VIRTIO_HEADER_LEN};
+use super::{FrameSink, FrameSource, PacketSource};
 
 /// A layer-3 TUN device without packet information headers, non-blocking.
 pub struct Tun {
@@ -81,21 +85,34 @@ impl Tun {
     }
 }
 
-impl PacketSource for Arc<Tun> {
-    fn fd(&self) -> RawFd {
+impl Tun {
+    /// What super-packets the device takes in a write: TCP with offload, and
+    /// UDP where the kernel has TUN USO (6.2+).
+    pub fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            tcp: self.offload,
+            udp: self.offload && self.dev.udp_gso(),
+        }
+    }
+
+    /// The descriptor, for `poll`.
+    pub fn fd(&self) -> RawFd {
         self.dev.as_raw_fd()
     }
 
-    /// Reads packets until none are waiting or the batch is full.
-    fn recv(&mut self, batch: &mut PacketBatch) -> io::Result<usize> {
+    /// Reads packets until none are waiting or the batch has too little
+    /// room, each placed after `headroom` bytes of its buffer; TSO reads are
+    /// split (with their checksums) into several.
+    pub fn recv_packets(&self, batch: &mut PacketBatch, headroom: usize) -> io::Result<usize> {
         if self.offload {
-            return self.recv_offloaded(batch);
+            return self.recv_offloaded(batch, headroom);
         }
         let mut n = 0;
         while let Some(buf) = batch.next_free() {
-            match self.dev.recv(buf) {
+            let Some(room) = buf.get_mut(headroom..) else { break };
+            match self.dev.recv(room) {
                 Ok(len) => {
-                    batch.commit(len, None);
+                    batch.commit(headroom, len, None);
                     n += 1;
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
@@ -105,25 +122,24 @@ impl PacketSource for Arc<Tun> {
         }
         Ok(n)
     }
-}
 
-impl Tun {
     /// Reads (possibly TSO) packets while a whole split one still fits.
-    fn recv_offloaded(&self, batch: &mut PacketBatch) -> io::Result<usize> {
+    fn recv_offloaded(&self, batch: &mut PacketBatch, headroom: usize) -> io::Result<usize> {
         let mut scratch = self
             .read_buf
             .lock()
             .map_err(|_| io::Error::other("TUN read buffer poisoned"))?;
+        let mut sizes = [0usize; Self::MAX_GSO_SEGMENTS];
         let mut n = 0;
-        while BATCH_SIZE - batch.len() >= Self::MAX_GSO_SEGMENTS {
-            let parts = batch.raw_parts();
+        while batch.room() >= Self::MAX_GSO_SEGMENTS {
+            let mut parts = batch.raw_parts();
             let first = *parts.count;
-            let result = self
-                .dev
-                .recv_multiple(&mut scratch, &mut parts.bufs[first..], &mut parts.lens[first..], 0);
-            match result {
+            let bufs = &mut parts.bufs[first..first + Self::MAX_GSO_SEGMENTS];
+            match self.dev.recv_multiple(&mut scratch, bufs, &mut sizes, headroom) {
                 Ok(got) => {
-                    parts.peers[first..first + got].fill(None);
+                    for (k, &size) in sizes.iter().enumerate().take(got) {
+                        parts.set(first + k, headroom, size, 0, None);
+                    }
                     *parts.count += got;
                     n += got;
                 }
@@ -142,34 +158,59 @@ impl Tun {
         }
         Ok(n)
     }
-}
 
-impl PacketSink for Arc<Tun> {
-    /// Writes every packet. A packet the kernel refuses is skipped and counted.
-    fn send(&mut self, batch: &PacketBatch) -> io::Result<usize> {
+    /// Reads whole frames (virtio-net header + packet or TSO super-packet)
+    /// into `batch`, one per buffer, until none are waiting. A device without
+    /// offload gets an all-zero header put in front of each packet.
+    pub fn recv_frames(&self, batch: &mut PacketBatch) -> io::Result<usize> {
+        let mut n = 0;
+        while let Some(buf) = batch.next_free() {
+            let at = if self.offload { 0 } else { VIRTIO_HEADER_LEN };
+            buf[..at].fill(0);
+            // SAFETY: read into the live buffer past `at`, within its length.
+            let r = unsafe { libc::read(self.fd(), buf[at..].as_mut_ptr().cast(), buf.len() - at) };
+            if r < 0 {
+                let e = io::Error::last_os_error();
+                match e.kind() {
+                    io::ErrorKind::WouldBlock => break,
+                    io::ErrorKind::Interrupted => continue,
+                    _ => return Err(e),
+                }
+            }
+            batch.commit(0, at + r as usize, None);
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// Writes every frame of `frames` (virtio-net header + packet or
+    /// super-packet); a device without offload gets the packet alone. A frame
+    /// the kernel refuses is skipped and counted.
+    pub fn send_frames(&self, frames: &PacketBatch) -> io::Result<usize> {
         let mut refused = 0;
-        for p in batch.iter() {
+        for frame in frames.iter() {
+            let bytes = if self.offload {
+                frame
+            } else {
+                &frame[VIRTIO_HEADER_LEN.min(frame.len())..]
+            };
             loop {
-                let sent = if self.offload {
-                    self.send_with_header(p)
-                } else {
-                    self.dev.send(p)
-                };
-                match sent {
-                    Ok(_) => break,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        super::sys::wait(
-                            &[self.dev.as_raw_fd()],
-                            libc::POLLOUT,
-                            Some(std::time::Duration::from_millis(10)),
-                        )?;
+                // SAFETY: write from a live buffer of the given length.
+                let r = unsafe { libc::write(self.fd(), bytes.as_ptr().cast(), bytes.len()) };
+                if r >= 0 {
+                    break;
+                }
+                let e = io::Error::last_os_error();
+                match e.kind() {
+                    io::ErrorKind::Interrupted => continue,
+                    io::ErrorKind::WouldBlock => {
+                        super::sys::wait(&[self.fd()], libc::POLLOUT, Some(std::time::Duration::from_millis(10)))?;
                     }
-                    Err(e) if e.raw_os_error() == Some(libc::EINVAL) || e.raw_os_error() == Some(libc::EIO) => {
+                    _ if matches!(e.raw_os_error(), Some(libc::EINVAL) | Some(libc::EIO)) => {
                         refused += 1;
                         break;
                     }
-                    Err(e) => return Err(e),
+                    _ => return Err(e),
                 }
             }
         }
@@ -177,28 +218,33 @@ impl PacketSink for Arc<Tun> {
     }
 }
 
-impl Tun {
-    /// Writes one packet behind an all-zero virtio header (no GSO, checksum
-    /// complete), without copying it.
-    fn send_with_header(&self, packet: &[u8]) -> io::Result<usize> {
-        const HEADER: [u8; tun_rs::VIRTIO_NET_HDR_LEN] = [0; tun_rs::VIRTIO_NET_HDR_LEN];
-        let iov = [
-            libc::iovec {
-                iov_base: HEADER.as_ptr() as *mut libc::c_void,
-                iov_len: HEADER.len(),
-            },
-            libc::iovec {
-                iov_base: packet.as_ptr() as *mut libc::c_void,
-                iov_len: packet.len(),
-            },
-        ];
-        // SAFETY: both iovecs point into live buffers of the given lengths,
-        // which writev only reads.
-        let n = unsafe { libc::writev(self.dev.as_raw_fd(), iov.as_ptr(), 2) };
-        if n < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok((n as usize).saturating_sub(HEADER.len()))
+impl PacketSource for Arc<Tun> {
+    fn fd(&self) -> RawFd {
+        Tun::fd(self)
+    }
+
+    fn recv(&mut self, batch: &mut PacketBatch, headroom: usize) -> io::Result<usize> {
+        self.recv_packets(batch, headroom)
+    }
+}
+
+impl FrameSink for Arc<Tun> {
+    fn capabilities(&self) -> Capabilities {
+        Tun::capabilities(self)
+    }
+
+    fn send_frames(&mut self, frames: &PacketBatch) -> io::Result<usize> {
+        Tun::send_frames(self, frames)
+    }
+}
+
+impl FrameSource for Arc<Tun> {
+    fn fd(&self) -> RawFd {
+        Tun::fd(self)
+    }
+
+    fn recv_frames(&mut self, frames: &mut PacketBatch) -> io::Result<usize> {
+        Tun::recv_frames(self, frames)
     }
 }
 
@@ -247,15 +293,74 @@ mod tests {
         sum as u16
     }
 
+    /// An IPv4 header from 10.9.0.2 to 10.9.0.1 for `len` bytes of `protocol`.
+    fn ipv4_header(protocol: u8, len: usize, id: u16) -> Vec<u8> {
+        let mut h = vec![0u8; 20];
+        h[0] = 0x45;
+        h[2..4].copy_from_slice(&((20 + len) as u16).to_be_bytes());
+        h[4..6].copy_from_slice(&id.to_be_bytes());
+        h[6] = 0x40;
+        h[8] = 64;
+        h[9] = protocol;
+        h[12..16].copy_from_slice(&[10, 9, 0, 2]);
+        h[16..20].copy_from_slice(&[10, 9, 0, 1]);
+        let sum = !ones_complement_sum(&[&h]);
+        h[10..12].copy_from_slice(&sum.to_be_bytes());
+        h
+    }
+
+    /// The transport checksum of `segment` under 10.9.0.2 → 10.9.0.1.
+    fn transport_checksum(protocol: u8, segment: &[u8]) -> u16 {
+        let pseudo = [
+            &[10, 9, 0, 2, 10, 9, 0, 1][..],
+            &[0, protocol],
+            &(segment.len() as u16).to_be_bytes(),
+        ]
+        .concat();
+        !ones_complement_sum(&[&pseudo, segment])
+    }
+
+    fn udp_packet(from_port: u16, to_port: u16, id: u16, payload: &[u8]) -> Vec<u8> {
+        let mut u = vec![0u8; 8 + payload.len()];
+        u[0..2].copy_from_slice(&from_port.to_be_bytes());
+        u[2..4].copy_from_slice(&to_port.to_be_bytes());
+        let len = u.len() as u16;
+        u[4..6].copy_from_slice(&len.to_be_bytes());
+        u[8..].copy_from_slice(payload);
+        let sum = transport_checksum(17, &u);
+        u[6..8].copy_from_slice(&sum.to_be_bytes());
+        [ipv4_header(17, u.len(), id), u].concat()
+    }
+
+    fn tcp_segment(seq: u32, id: u16, payload: &[u8]) -> Vec<u8> {
+        let mut t = vec![0u8; 20 + payload.len()];
+        t[0..2].copy_from_slice(&40000u16.to_be_bytes());
+        t[2..4].copy_from_slice(&81u16.to_be_bytes());
+        t[4..8].copy_from_slice(&seq.to_be_bytes());
+        t[8..12].copy_from_slice(&1u32.to_be_bytes());
+        t[12] = 5 << 4;
+        t[13] = 0x10;
+        t[14..16].copy_from_slice(&1000u16.to_be_bytes());
+        t[20..].copy_from_slice(payload);
+        let sum = transport_checksum(6, &t);
+        t[16..18].copy_from_slice(&sum.to_be_bytes());
+        [ipv4_header(6, t.len(), id), t].concat()
+    }
+
     /// The IPv4 packets from the TUN carrying `protocol`, waiting up to 2 s for `want`.
     fn read_packets(tun: &mut Arc<Tun>, protocol: u8, want: usize) -> Vec<Vec<u8>> {
         let mut got = Vec::new();
         let mut batch = PacketBatch::new();
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
         while got.len() < want && std::time::Instant::now() < deadline {
-            crate::io::sys::wait(&[tun.fd()], libc::POLLIN, Some(std::time::Duration::from_millis(100))).unwrap();
+            crate::io::sys::wait(
+                &[Tun::fd(tun)],
+                libc::POLLIN,
+                Some(std::time::Duration::from_millis(100)),
+            )
+            .unwrap();
             batch.clear();
-            tun.recv(&mut batch).unwrap();
+            tun.recv_packets(&mut batch, 0).unwrap();
             got.extend(
                 batch
                     .iter()
@@ -334,30 +439,42 @@ mod tests {
             let pseudo = [&syn[12..20], &[0, 6], &(tcp_part.len() as u16).to_be_bytes()[..]].concat();
             assert_eq!(ones_complement_sum(&[&pseudo, tcp_part]), 0xffff, "TCP checksum");
 
-            // A write: a UDP packet from 10.9.0.2 to our socket.
+            // Writes: eight UDP datagrams from 10.9.0.2 to our socket, coalesced
+            // into one USO frame where the kernel takes those, and a TCP burst
+            // coalesced into one TSO frame to a closed port, which the kernel
+            // answers with a reset.
             let port = udp.local_addr().unwrap().port();
-            let payload = b"through the TUN";
-            let mut packet = vec![0u8; 28 + payload.len()];
-            packet[0] = 0x45;
-            let total = packet.len() as u16;
-            packet[2..4].copy_from_slice(&total.to_be_bytes());
-            packet[8] = 64;
-            packet[9] = 17;
-            packet[12..16].copy_from_slice(&[10, 9, 0, 2]);
-            packet[16..20].copy_from_slice(&[10, 9, 0, 1]);
-            let header_sum = !ones_complement_sum(&[&packet[..20]]);
-            packet[10..12].copy_from_slice(&header_sum.to_be_bytes());
-            packet[20..22].copy_from_slice(&9u16.to_be_bytes());
-            packet[22..24].copy_from_slice(&port.to_be_bytes());
-            packet[24..26].copy_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
-            packet[28..].copy_from_slice(payload);
-            let mut batch = PacketBatch::new();
-            assert!(batch.push(&packet));
-            assert_eq!(tun.send(&batch).unwrap(), 0, "the kernel took the packet");
+            let datagrams: Vec<Vec<u8>> = (0..8u8)
+                .map(|i| udp_packet(9, port, u16::from(i), &[i; 1000]))
+                .collect();
+            let mut frames = PacketBatch::new();
+            let mut coalescer = crate::io::offload::Coalescer::new(tun.capabilities());
+            for d in &datagrams {
+                assert!(coalescer.push(d, &mut frames));
+            }
+            coalescer.finish(&mut frames);
+            let expected_frames = if tun.capabilities().udp { 1 } else { 8 };
+            assert_eq!(frames.len(), expected_frames);
+            assert_eq!(tun.send_frames(&frames).unwrap(), 0, "the kernel took the frames");
             udp.set_read_timeout(Some(std::time::Duration::from_secs(2))).unwrap();
-            let mut buf = [0u8; 64];
-            let (n, from) = udp.recv_from(&mut buf).unwrap();
-            assert_eq!((&buf[..n], from), (&payload[..], "10.9.0.2:9".parse().unwrap()));
+            for d in &datagrams {
+                let mut buf = [0u8; 2048];
+                let (n, from) = udp.recv_from(&mut buf).unwrap();
+                assert_eq!((&buf[..n], from), (&d[28..], "10.9.0.2:9".parse().unwrap()));
+            }
+            let burst: Vec<Vec<u8>> = (0..10u32)
+                .map(|i| tcp_segment(5000 + i * 1000, i as u16, &[7; 1000]))
+                .collect();
+            let mut frames = PacketBatch::new();
+            for p in &burst {
+                assert!(coalescer.push(p, &mut frames));
+            }
+            coalescer.finish(&mut frames);
+            assert_eq!(frames.len(), 1, "one TSO frame");
+            assert_eq!(tun.send_frames(&frames).unwrap(), 0, "the kernel took the TSO frame");
+            let reset = read_packets(&mut tun, libc::IPPROTO_TCP as u8, 1);
+            let reset = reset.first().expect("a reset for the closed port");
+            assert_eq!(reset[20 + 13] & 0x04, 0x04, "RST");
         })
         .join()
         .unwrap();

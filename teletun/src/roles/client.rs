@@ -3,7 +3,6 @@
 
 use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr};
-use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,8 +14,8 @@ use tracing::{info, warn};
 
 use crate::control::channel::{self, read_greeting};
 use crate::control::tls::{self, KeyMismatch};
-use crate::io::pump::{DataPlane, Direction};
 use crate::io::tun::Tun;
+use crate::io::udp::{self, Udp};
 use crate::keys::{Identity, PinnedKey};
 use crate::kube::{discovery, networks, Kube, KubeOptions};
 use crate::netconf::dns::DnsManager;
@@ -24,11 +23,11 @@ use crate::netconf::forwarder::{self, Forwarder, Sources};
 use crate::netconf::netlink::{Netlink, Route};
 use crate::netconf::overlap;
 use crate::netconf::record::Record;
+use crate::plane::{self, DataPlane, Names};
 use crate::proto::control::{Hello, ServerGreeting};
 use crate::proto::dns::SplitDomains;
 use crate::proto::resolv_conf::{self, ResolvConf};
-use crate::transport::dtls::{self, DtlsError, DtlsSession, Role, DTLS_OVERHEAD};
-use crate::transport::link::DtlsLink;
+use crate::tunnel::{Transport, TunnelError};
 
 use super::cleanup;
 use super::guard::Guard;
@@ -63,6 +62,8 @@ pub struct ClientConfig {
     pub tun_name: String,
     /// Skip DNS registration.
     pub no_dns: bool,
+    /// The data plane's transport.
+    pub transport: Transport,
 }
 
 /// How long to wait for TCP connect, TLS and the greeting.
@@ -128,6 +129,7 @@ impl Drop for ClusterView {
 
 /// Runs the client until a signal or the server ends the session.
 pub async fn run(mut config: ClientConfig) -> Result<()> {
+    let started = std::time::Instant::now();
     // Undo what dead instances left before adding anything.
     cleanup::undo_dead_instances(false).await?;
     // Everything the API can refuse is asked before this machine changes.
@@ -164,7 +166,7 @@ pub async fn run(mut config: ClientConfig) -> Result<()> {
         forwarder: None,
     };
     // A signal during set-up drops `session` at its current step; `undo` follows.
-    let outcome = session(&config, cluster.as_ref(), keeper, &mut changes, &mut signals).await;
+    let outcome = session(&config, cluster.as_ref(), keeper, &mut changes, &mut signals, started).await;
     let undo = undo(&mut changes).await;
     let end = outcome?;
     undo?;
@@ -185,7 +187,7 @@ pub async fn run(mut config: ClientConfig) -> Result<()> {
             "nothing heard from the server at {} for {} s: the network path or the server is gone; \
              removed the tunnel and its DNS entry",
             config.server,
-            crate::transport::link::SILENCE_LIMIT.as_secs()
+            crate::tunnel::liveness::SILENCE_LIMIT.as_secs()
         ),
         End::ControlFailed(e) => bail!(
             "lost the control connection to {}: {e}; removed the tunnel and its DNS entry",
@@ -247,7 +249,6 @@ fn explain_tls(e: std::io::Error, config: &ClientConfig) -> anyhow::Error {
 /// A running tunnel.
 struct Tunnel {
     control: tokio_rustls::client::TlsStream<TcpStream>,
-    link: DtlsLink,
     plane: DataPlane,
     /// Keeps the cluster routes in step with the API.
     routes: Option<tokio::task::JoinHandle<()>>,
@@ -269,16 +270,16 @@ async fn session(
     keeper: RouteKeeper,
     changes: &mut Changes,
     signals: &mut Signals,
+    started: std::time::Instant,
 ) -> Result<End> {
     let Tunnel {
         mut control,
-        link,
         mut plane,
         routes,
     } = tokio::select! {
         biased;
         sig = signals.next() => return Ok(End::Signal(sig)),
-        t = establish(config, cluster, keeper, changes) => t?,
+        t = establish(config, cluster, keeper, changes, started) => t?,
     };
     // Routes die with the TUN; the task that keeps them goes with the session.
     let _routes = AbortOnDrop(routes);
@@ -299,7 +300,6 @@ async fn session(
             Err(e) => End::DataPlane(format!("{}: {e}", exit.name)),
         },
     };
-    link.close();
     info!(
         "session ends; to server: {}; from server: {}; {} malformed TSO reads",
         plane.outbound.summary(),
@@ -320,6 +320,7 @@ async fn establish(
     cluster: Option<&ClusterView>,
     mut keeper: RouteKeeper,
     changes: &mut Changes,
+    started: std::time::Instant,
 ) -> Result<Tunnel> {
     // 1. Control channel.
     let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(config.server))
@@ -359,27 +360,35 @@ async fn establish(
 
     // 2. Data plane handshake, before touching this machine's configuration.
     let bind: SocketAddr = if config.server.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }.parse()?;
-    let udp = dtls::udp_socket(bind)?;
-    udp.connect(&config.server.into())
-        .with_context(|| format!("cannot reach {} over UDP", config.server))?;
-    let path_mtu = dtls::path_mtu(&udp, config.server.is_ipv6())?;
-    let payload = dtls::udp_payload(path_mtu, config.server.is_ipv6());
-    let mut session = DtlsSession::new(Role::Client, &config.identity, config.server_key.clone(), payload, None)?;
+    let udp = Udp::bind(bind)?;
+    udp.connect(config.server)?;
+    let path_mtu = udp.path_mtu(config.server.is_ipv6())?;
+    let payload = udp::udp_payload(path_mtu, config.server.is_ipv6());
+    let mut hs = config.transport.client(
+        crate::tunnel::now(),
+        &config.identity,
+        config.server_key.clone(),
+        payload,
+    )?;
     let udp = Arc::new(udp);
-    let fd = udp.as_raw_fd();
-    let (session, result) = tokio::task::spawn_blocking(move || {
-        let r = session.handshake(fd, None, None);
-        (session, r)
-    })
-    .await?;
-    match result {
-        Ok(_) => {}
-        Err(DtlsError::PeerKeyNotPinned(p)) => bail!("the server's DTLS key is not the server public key {p}"),
-        Err(DtlsError::OurKeyRefused) => bail!("the server refused our client key in the DTLS handshake"),
-        Err(e) => bail!("DTLS handshake with {} failed: {e}", config.server),
-    }
-    let tun_mtu = payload - DTLS_OVERHEAD;
-    info!("DTLS up; path MTU {path_mtu}, tunnel MTU {tun_mtu}");
+    let shaking = udp.clone();
+    let result = tokio::task::spawn_blocking(move || plane::handshake(&shaking, hs.as_mut(), None)).await?;
+    let session = match result {
+        Ok(s) => s,
+        Err(TunnelError::PeerKeyNotPinned(p)) => {
+            bail!("the server's data-plane key is not the server public key {p}")
+        }
+        Err(TunnelError::OurKeyRefused) => bail!("the server refused our client key in the data-plane handshake"),
+        Err(e) => bail!("data-plane handshake with {} failed: {e}", config.server),
+    };
+    let tun_mtu = payload - config.transport.overhead();
+    let (gso, gro) = udp.offloads();
+    info!(
+        "{} up; path MTU {path_mtu}, tunnel MTU {tun_mtu}; UDP GSO {}, GRO {}",
+        session.description,
+        on_off(gso),
+        on_off(gro)
+    );
 
     // 3. The TUN device, its addresses, routes and DNS.
     let tun = Arc::new(Tun::create(
@@ -413,30 +422,30 @@ async fn establish(
     if !config.no_dns {
         register_dns(&hello, &tun, changes).await?;
     }
-    let link = DtlsLink::new(session, udp, None);
-    let mut plane = DataPlane::start(
-        Direction {
-            name: "tun→dtls",
-            source: tun.clone(),
-            sink: link.sink(),
-            check_packets: false,
+    let plane = DataPlane::tunnel(
+        Names {
+            outbound: "tun→udp",
+            inbound: "udp→tun",
         },
-        Direction {
-            name: "dtls→tun",
-            source: link.source(),
-            sink: tun.clone(),
-            check_packets: true,
-        },
+        session,
+        udp,
+        tun.clone(),
+        tun.clone(),
     )?;
-    let beating = link.clone();
-    plane.spawn_task("heartbeat", move |stop| beating.heartbeat(stop))?;
-    info!("tunnel {} is up", tun.name());
-    Ok(Tunnel {
-        control,
-        link,
-        plane,
-        routes,
-    })
+    info!(
+        "tunnel {} is up, with its addresses, routes and DNS, {} ms after start",
+        tun.name(),
+        started.elapsed().as_millis()
+    );
+    Ok(Tunnel { control, plane, routes })
+}
+
+fn on_off(on: bool) -> &'static str {
+    if on {
+        "on"
+    } else {
+        "off"
+    }
 }
 
 async fn add_addresses(hello: &Hello, tun: &Tun) -> Result<()> {

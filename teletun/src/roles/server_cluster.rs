@@ -22,12 +22,13 @@ use ipnet::IpNet;
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::{info, warn};
 
-use crate::io::pump::{DataPlane, Direction};
 use crate::io::seqpacket::{self, SeqPacket};
 use crate::io::tun::Tun;
 use crate::netconf::netlink::{Netlink, TABLE_LOCAL};
 use crate::netconf::sysctl;
+use crate::plane::{DataPlane, Names};
 use crate::proto::control::Hello;
+use crate::proto::link::LinkParams;
 
 /// Routing table that sends everything to the TUN.
 pub const TAKEOVER_TABLE: u32 = 4242;
@@ -46,6 +47,8 @@ pub struct ServerClusterConfig {
     pub resolv_conf: PathBuf,
     /// TUN MTU; by default the pod interface's MTU minus tunnel overhead.
     pub mtu: Option<u16>,
+    /// The data plane's transport (for its overhead).
+    pub transport: crate::tunnel::Transport,
 }
 
 /// Metric of the on-link IPv6 prefix route server-cluster adds back after
@@ -313,7 +316,7 @@ pub async fn run(config: ServerClusterConfig) -> Result<()> {
         Some(m) => m,
         None => u16::try_from(
             mtu_of(&interface)?
-                .saturating_sub(48 + crate::transport::dtls::DTLS_OVERHEAD)
+                .saturating_sub(48 + config.transport.overhead())
                 .max(1280),
         )
         .unwrap_or(1280),
@@ -378,24 +381,26 @@ async fn serve(listener: socket2::Socket, tun: &Arc<Tun>, greeting: &[u8]) -> Re
             _ = sigterm.recv() => return Ok(()),
         };
         let link = Arc::new(SeqPacket::new(sock)?);
-        if let Err(e) = link.send_message(greeting, Duration::from_secs(5)) {
+        let capabilities = tun.capabilities();
+        let params = LinkParams {
+            tcp: capabilities.tcp,
+            udp: capabilities.udp,
+        };
+        let greeted = link
+            .send_message(greeting, Duration::from_secs(5))
+            .and_then(|()| link.send_message(&params.encode(), Duration::from_secs(5)));
+        if let Err(e) = greeted {
             warn!("cannot greet server-external: {e}");
             continue;
         }
         info!("server-external connected");
-        let mut plane = DataPlane::start(
-            Direction {
-                name: "tun→external",
-                source: tun.clone(),
-                sink: link.clone(),
-                check_packets: false,
+        let mut plane = DataPlane::relay(
+            Names {
+                outbound: "tun→external",
+                inbound: "external→tun",
             },
-            Direction {
-                name: "external→tun",
-                source: link.clone(),
-                sink: tun.clone(),
-                check_packets: true,
-            },
+            (tun.clone(), tun.clone()),
+            (link.clone(), link.clone()),
         )?;
         let stop = tokio::select! {
             exit = plane.ended() => {

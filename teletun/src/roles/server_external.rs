@@ -3,7 +3,6 @@
 //! AF_UNIX socket.
 
 use std::net::SocketAddr;
-use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,15 +16,17 @@ use tracing::{info, warn};
 
 use crate::control::channel;
 use crate::control::tls::{self, KeyMismatch};
-use crate::io::pump::{DataPlane, Direction};
+use crate::io::offload::Capabilities;
 use crate::io::seqpacket::SeqPacket;
 use crate::io::sys::StopSignal;
+use crate::io::udp::Udp;
 use crate::keys::{Identity, PinnedKey};
+use crate::plane::{self, DataPlane, FrameSplitter, Names};
 use crate::proto::control::{
     encode_refusal, Hello, HelloDecoder, ServerGreeting, MAX_ADDRESSES_LEN, MAX_RESOLV_CONF_LEN,
 };
-use crate::transport::dtls::{self, DtlsError, DtlsSession, Role};
-use crate::transport::link::DtlsLink;
+use crate::proto::link::LinkParams;
+use crate::tunnel::{Transport, TunnelError};
 
 /// Everything `teletun server-external` needs, already validated by the CLI.
 pub struct ServerExternalConfig {
@@ -39,6 +40,8 @@ pub struct ServerExternalConfig {
     pub sockfile: PathBuf,
     /// UDP payload size the data plane assumes for the path to clients.
     pub path_mtu: usize,
+    /// The data plane's transport.
+    pub transport: Transport,
 }
 
 /// server-cluster as last seen: its link and greeting, or nothing.
@@ -46,7 +49,7 @@ type ClusterState = Option<(Arc<SeqPacket>, Hello)>;
 
 struct Shared {
     config: ServerExternalConfig,
-    udp: Arc<socket2::Socket>,
+    udp: Arc<Udp>,
     /// The client being served, if any.
     serving: ClientSlot,
     cluster: watch::Sender<ClusterState>,
@@ -105,7 +108,7 @@ pub async fn run(config: ServerExternalConfig) -> Result<()> {
     let listener = TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on TCP {}", config.listen))?;
-    let udp = Arc::new(dtls::udp_socket(config.listen)?);
+    let udp = Arc::new(Udp::bind(config.listen)?);
     info!(
         "listening on TCP and UDP {}; server-cluster socket {}",
         config.listen,
@@ -178,10 +181,12 @@ async fn keep_cluster_connected(shared: Arc<Shared>) {
     }
 }
 
+/// Connects to server-cluster and reads its two first messages: the
+/// greeting, and the link parameters (what its TUN takes).
 async fn connect_cluster(path: &std::path::Path) -> Result<(SeqPacket, Hello)> {
     let path = path.to_owned();
     tokio::task::spawn_blocking(move || {
-        let link = SeqPacket::connect(&path)?;
+        let mut link = SeqPacket::connect(&path)?;
         let mut buf = vec![0u8; MAX_ADDRESSES_LEN + MAX_RESOLV_CONF_LEN + 8];
         let n = link
             .recv_message(&mut buf, Duration::from_secs(5))
@@ -189,11 +194,20 @@ async fn connect_cluster(path: &std::path::Path) -> Result<(SeqPacket, Hello)> {
         if n == 0 {
             return Err(anyhow!("server-cluster closed the socket before its greeting"));
         }
-        match HelloDecoder::new().feed(&buf[..n])? {
-            Some((ServerGreeting::Hello(h), used)) if used == n => Ok((link, h)),
-            Some((ServerGreeting::Refused(why), _)) => Err(anyhow!("server-cluster refused: {why}")),
-            _ => Err(anyhow!("server-cluster sent a malformed greeting")),
-        }
+        let hello = match HelloDecoder::new().feed(&buf[..n])? {
+            Some((ServerGreeting::Hello(h), used)) if used == n => h,
+            Some((ServerGreeting::Refused(why), _)) => return Err(anyhow!("server-cluster refused: {why}")),
+            _ => return Err(anyhow!("server-cluster sent a malformed greeting")),
+        };
+        let n = link
+            .recv_message(&mut buf, Duration::from_secs(5))
+            .map_err(|_| crate::proto::link::LinkError::NotLinkParams)?;
+        let params = LinkParams::decode(&buf[..n])?;
+        link.set_peer_takes(Capabilities {
+            tcp: params.tcp,
+            udp: params.udp,
+        });
+        Ok((link, hello))
     })
     .await?
 }
@@ -258,57 +272,52 @@ async fn serve_session(
     };
     // Stale datagrams of an earlier session must go before the new client's
     // ClientHello can arrive, i.e. before it hears from us.
-    dtls::drain(shared.udp.as_raw_fd());
+    shared.udp.drain();
     control.write_all(&hello.encode()?).await?;
     control.flush().await?;
     info!("session for {peer} started: sent {hello}");
 
-    let mut session = DtlsSession::new(
-        Role::Server,
-        &shared.config.identity,
-        shared.config.client_key.clone(),
-        shared.config.path_mtu,
-        Some(peer),
+    let config = &shared.config;
+    let mut hs = config.transport.server(
+        crate::tunnel::now(),
+        &config.identity,
+        config.client_key.clone(),
+        config.path_mtu,
+        peer.ip(),
     )?;
-    let fd = shared.udp.as_raw_fd();
     // A client that leaves during the handshake frees the slot at once.
     let stop = Arc::new(StopSignal::new()?);
-    let stop_handshake = stop.clone();
-    let mut handshake = tokio::task::spawn_blocking(move || {
-        let r = session.handshake(fd, Some(peer), Some(&stop_handshake));
-        (session, r)
-    });
-    let (session, result) = tokio::select! {
+    let (udp, stop_handshake) = (shared.udp.clone(), stop.clone());
+    let mut handshake = tokio::task::spawn_blocking(move || plane::handshake(&udp, hs.as_mut(), Some(&stop_handshake)));
+    let result = tokio::select! {
         done = &mut handshake => done?,
         _ = channel::wait_closed(control) => {
             stop.stop();
             let _ = handshake.await;
-            return Err(anyhow!("the client left before the DTLS handshake finished"));
+            return Err(anyhow!("the client left before the data-plane handshake finished"));
         }
     };
-    let udp_peer = match result {
-        Ok(Some(p)) => p,
-        Ok(None) => return Err(anyhow!("DTLS handshake ended without a peer address")),
-        Err(DtlsError::PeerKeyNotPinned(p)) => return Err(anyhow!("refused DTLS: the client's key is not {p}")),
-        Err(e) => return Err(anyhow!("DTLS handshake with {peer} failed: {e}")),
+    let session = match result {
+        Ok(s) => s,
+        Err(TunnelError::PeerKeyNotPinned(p)) => {
+            return Err(anyhow!("refused the data plane: the client's key is not {p}"))
+        }
+        Err(e) => return Err(anyhow!("data-plane handshake with {peer} failed: {e}")),
     };
-    let link = DtlsLink::new(session, shared.udp.clone(), Some(udp_peer));
-    let mut plane = DataPlane::start(
-        Direction {
-            name: "cluster→dtls",
-            source: cluster.clone(),
-            sink: link.sink(),
-            check_packets: true,
+    let udp_peer = session
+        .peer
+        .ok_or_else(|| anyhow!("the data-plane handshake ended without a peer address"))?;
+    info!("{} with {udp_peer}", session.description);
+    let mut plane = DataPlane::tunnel(
+        Names {
+            outbound: "cluster→udp",
+            inbound: "udp→cluster",
         },
-        Direction {
-            name: "dtls→cluster",
-            source: link.source(),
-            sink: cluster.clone(),
-            check_packets: true,
-        },
+        session,
+        shared.udp.clone(),
+        FrameSplitter::new(cluster.clone()),
+        cluster.clone(),
     )?;
-    let beating = link.clone();
-    plane.spawn_task("heartbeat", move |stop| beating.heartbeat(stop))?;
     let reason = tokio::select! {
         r = channel::wait_closed(control) => match r {
             Ok(channel::Closed::Cleanly) => "the client closed the control connection".to_string(),
@@ -324,7 +333,6 @@ async fn serve_session(
         // Forget the dead AF_UNIX link so the connector waits for a new one.
         shared.cluster.send_replace(None);
     }
-    link.close();
     info!(
         "session for {peer} ended ({reason}); to client: {}; from client: {}",
         plane.outbound.summary(),

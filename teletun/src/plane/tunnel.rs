@@ -1,0 +1,210 @@
+//! A tunnel's two directions: seal and send, receive and open.
+
+use std::io;
+
+use super::{to_io, DirectionStats};
+use crate::io::batch::{PacketBatch, PacketRefs, BATCH_SIZE, BUFFER_SIZE, MAX_SEGMENTS};
+use crate::io::offload::{split_frame, Coalescer, SplitError};
+use crate::io::sys::{self, StopSignal};
+use crate::io::udp::{PeerAddress, Udp};
+use crate::io::{FrameSink, FrameSource, PacketSource};
+use crate::proto::packet;
+use crate::tunnel::{self, Inbound, Outbound};
+
+pub(super) fn run_outbound<S: PacketSource>(
+    mut source: S,
+    mut outbound: Box<dyn Outbound>,
+    udp: &Udp,
+    peer: &PeerAddress,
+    stats: &DirectionStats,
+    stop: &StopSignal,
+) -> io::Result<()> {
+    let headroom = outbound.headroom();
+    let buffer = (headroom + outbound.max_packet() + outbound.tailroom()).max(2048);
+    let mut batch = PacketBatch::with_capacity(BATCH_SIZE, buffer);
+    let mut control = PacketBatch::with_capacity(2, 256);
+    let mut dest = peer.reader();
+    let fds = [source.fd(), stop.fd()];
+    let result = loop {
+        let now = tunnel::now();
+        let due = outbound.poll_timeout();
+        if now >= due {
+            control.clear();
+            if let Err(e) = outbound.handle_timeout(now, &mut control) {
+                break Err(to_io(e));
+            }
+            udp.send(&control, dest.get())?;
+            continue;
+        }
+        match sys::wait(&fds, libc::POLLIN, Some(due - now))? {
+            Some(1) => break Ok(()),
+            None => continue,
+            Some(_) => {}
+        }
+        // Drain the source before polling again: one poll per burst.
+        loop {
+            batch.clear();
+            let n = source.recv(&mut batch, headroom)?;
+            DirectionStats::add(&stats.malformed, source.dropped());
+            if n == 0 {
+                break;
+            }
+            let bytes: usize = batch.iter().map(<[u8]>::len).sum();
+            let sealed = outbound.encapsulate(tunnel::now(), &mut batch).map_err(to_io)?;
+            let refused = udp.send(&batch, dest.get())?;
+            DirectionStats::add(&stats.refused, sealed.oversize + refused);
+            DirectionStats::add(&stats.packets, sealed.sealed - refused);
+            DirectionStats::add(&stats.bytes, bytes);
+            // A busy sender still keeps its timers.
+            if stop.is_stopped() || tunnel::now() >= outbound.poll_timeout() {
+                break;
+            }
+        }
+    };
+    // Tell the peer the session is over, whatever ended it.
+    control.clear();
+    outbound.close(&mut control);
+    let _ = udp.send(&control, dest.get());
+    result
+}
+
+/// Datagram buffers per receive: with GRO each may hold a train of up to
+/// [`MAX_SEGMENTS`] datagrams, so a few suffice.
+const RECEIVE_BUFFERS: usize = 16;
+/// Frames built per write batch.
+const FRAME_BUFFERS: usize = 16;
+
+pub(super) fn run_inbound<K: FrameSink>(
+    udp: &Udp,
+    mut inbound: Box<dyn Inbound>,
+    mut sink: K,
+    peer: &PeerAddress,
+    stats: &DirectionStats,
+    stop: &StopSignal,
+) -> io::Result<()> {
+    let mut batch = PacketBatch::with_capacity(RECEIVE_BUFFERS, BUFFER_SIZE);
+    let mut packets = PacketRefs::default();
+    let mut reply = PacketBatch::with_capacity(16, 2048);
+    let mut frames = PacketBatch::with_capacity(FRAME_BUFFERS, BUFFER_SIZE);
+    let mut coalescer = Coalescer::new(sink.capabilities());
+    let mut dest = peer.reader();
+    let fds = [udp.fd(), stop.fd()];
+    loop {
+        match sys::wait(&fds, libc::POLLIN, None)? {
+            Some(1) => return Ok(()),
+            None => continue,
+            Some(_) => {}
+        }
+        loop {
+            batch.clear();
+            if udp.recv(&mut batch)? == 0 {
+                break;
+            }
+            packets.clear();
+            reply.clear();
+            let opened = inbound
+                .decapsulate(tunnel::now(), &mut batch, &mut packets, &mut reply)
+                .map_err(to_io)?;
+            DirectionStats::add(&stats.refused, opened.dropped);
+            if let Some(moved) = opened.peer_moved {
+                peer.set(moved);
+                tracing::info!("the peer moved to {moved}");
+            }
+            if !reply.is_empty() {
+                udp.send(&reply, dest.get())?;
+            }
+            let merged_before = coalescer.stats.merged;
+            for p in packets.packets(&batch) {
+                if packet::inspect(p).is_err() {
+                    DirectionStats::add(&stats.malformed, 1);
+                    continue;
+                }
+                while !coalescer.push(p, &mut frames) {
+                    flush(&mut coalescer, &mut frames, &mut sink, stats)?;
+                }
+                DirectionStats::add(&stats.packets, 1);
+                DirectionStats::add(&stats.bytes, p.len());
+            }
+            flush(&mut coalescer, &mut frames, &mut sink, stats)?;
+            DirectionStats::add(&stats.coalesced, coalescer.stats.merged - merged_before);
+            if stop.is_stopped() {
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// Completes the frames being built and writes them.
+fn flush<K: FrameSink>(
+    coalescer: &mut Coalescer,
+    frames: &mut PacketBatch,
+    sink: &mut K,
+    stats: &DirectionStats,
+) -> io::Result<()> {
+    coalescer.finish(frames);
+    if !frames.is_empty() {
+        let refused = sink.send_frames(frames)?;
+        DirectionStats::add(&stats.refused, refused);
+        frames.clear();
+    }
+    Ok(())
+}
+
+/// Frames from an AF_UNIX link, split into the packets they stand for: the
+/// packet source of server-external's outbound direction.
+pub struct FrameSplitter<S: FrameSource> {
+    source: S,
+    frames: PacketBatch,
+    next: usize,
+    malformed: u64,
+}
+
+impl<S: FrameSource> FrameSplitter<S> {
+    /// Splits what `source` sends.
+    pub fn new(source: S) -> Self {
+        FrameSplitter {
+            source,
+            frames: PacketBatch::with_capacity(FRAME_BUFFERS, BUFFER_SIZE),
+            next: 0,
+            malformed: 0,
+        }
+    }
+}
+
+impl<S: FrameSource> PacketSource for FrameSplitter<S> {
+    fn fd(&self) -> std::os::fd::RawFd {
+        self.source.fd()
+    }
+
+    fn recv(&mut self, batch: &mut PacketBatch, headroom: usize) -> io::Result<usize> {
+        let before = batch.len();
+        loop {
+            while self.next < self.frames.len() {
+                let (buf, start, len) = self.frames.buffer_mut(self.next);
+                match split_frame(&mut buf[start..start + len], batch, headroom) {
+                    Ok(_) => self.next += 1,
+                    // The rest waits for the next call, unless nothing fits at all.
+                    Err(SplitError::NoRoom) if batch.len() > before || batch.room() < MAX_SEGMENTS => {
+                        return Ok(batch.len() - before)
+                    }
+                    Err(e) => {
+                        if self.malformed == 0 {
+                            tracing::warn!("dropped a frame from server-cluster: {e}");
+                        }
+                        self.malformed += 1;
+                        self.next += 1;
+                    }
+                }
+            }
+            self.frames.clear();
+            self.next = 0;
+            if self.source.recv_frames(&mut self.frames)? == 0 {
+                return Ok(batch.len() - before);
+            }
+        }
+    }
+
+    fn dropped(&mut self) -> u64 {
+        std::mem::take(&mut self.malformed)
+    }
+}

@@ -1,0 +1,1066 @@
+//! DTLS 1.2: OpenSSL runs the handshake over an in-memory BIO; the records
+//! after it are sealed and opened by [`record`] with the handshake's keys.
+//!
+//! Every IP packet is one record in one datagram, so a packet is never split
+//! and reordering or loss can never splice two packets together. Both sides
+//! present a self-signed certificate and accept only the pinned peer key. The
+//! server answers a ClientHello with a HelloVerifyRequest (cookie) before it
+//! does any other work.
+
+pub mod record;
+
+use std::io::{self, Read, Write};
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use foreign_types::ForeignTypeRef;
+use openssl::hash::MessageDigest;
+use openssl::memcmp;
+use openssl::pkey::PKey;
+use openssl::sign::Signer;
+use openssl::ssl::{
+    ErrorCode, Ssl, SslContext, SslContextBuilder, SslMethod, SslOptions, SslStream, SslVerifyMode, SslVersion,
+};
+use openssl::x509::X509VerifyResult;
+
+use self::record::{content, Dropped, Opener, Record, Sealer, SessionKeys, Suite, OVERHEAD, PREFIX_LEN, TAG_LEN};
+use super::liveness::{Due, Liveness};
+use super::{Decapsulated, Encapsulated, Handshake, Inbound, Outbound, Session, Time, TunnelError};
+use crate::io::batch::{PacketBatch, PacketRef, PacketRefs};
+use crate::keys::{Identity, PinnedKey};
+
+/// Bytes DTLS adds to each packet: record header, explicit nonce and tag.
+pub const DTLS_OVERHEAD: usize = OVERHEAD;
+const CIPHERS: &str = "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-ECDSA-AES256-GCM-SHA384";
+
+/// How long a handshake may take before we give up.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A heartbeat: a record with this one byte, never a valid IP packet (a
+/// TeleTUN extension; a seed peer would just drop it as malformed).
+pub const HEARTBEAT: &[u8] = &[0];
+
+/// The close_notify alert: warning level, description 0.
+const CLOSE_NOTIFY: [u8; 2] = [1, 0];
+
+/// Handshake datagrams are at most a path MTU; room for a jumbo one.
+const HANDSHAKE_DATAGRAM: usize = 16384;
+
+/// The in-memory BIO: at most one inbound datagram, a batch of outbound ones.
+struct DatagramQueue {
+    inbound: Vec<u8>,
+    inbound_ready: bool,
+    outbound: PacketBatch,
+}
+
+impl Read for DatagramQueue {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if !std::mem::take(&mut self.inbound_ready) {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        // A datagram larger than OpenSSL's buffer is cut, as a UDP socket would.
+        let n = self.inbound.len().min(buf.len());
+        buf[..n].copy_from_slice(&self.inbound[..n]);
+        Ok(n)
+    }
+}
+
+impl Write for DatagramQueue {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if self.outbound.push(buf) {
+            Ok(buf.len())
+        } else {
+            Err(io::ErrorKind::WouldBlock.into())
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl DatagramQueue {
+    fn new() -> Self {
+        DatagramQueue {
+            inbound: Vec::with_capacity(HANDSHAKE_DATAGRAM),
+            inbound_ready: false,
+            outbound: PacketBatch::with_capacity(16, HANDSHAKE_DATAGRAM),
+        }
+    }
+
+    /// Moves what OpenSSL wrote into `out` (what does not fit is lost, as
+    /// on a full socket; OpenSSL retransmits).
+    fn drain_into(&mut self, out: &mut PacketBatch) {
+        for p in self.outbound.iter() {
+            if !out.push(p) {
+                break;
+            }
+        }
+        self.outbound.clear();
+    }
+
+    fn put(&mut self, datagram: &[u8]) {
+        self.inbound.clear();
+        self.inbound.extend_from_slice(datagram);
+        self.inbound_ready = true;
+    }
+}
+
+/// Which side of the handshake we are.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// Sends the ClientHello.
+    Client,
+    /// Answers with a cookie, then the handshake.
+    Server,
+}
+
+/// Per-process secret for DTLS cookies: HMAC(secret, peer address).
+struct CookieSecret([u8; 32]);
+
+fn cookie_for(secret: &CookieSecret, peer: &[u8], out: &mut [u8]) -> Result<usize, openssl::error::ErrorStack> {
+    let key = PKey::hmac(&secret.0)?;
+    let mut signer = Signer::new(MessageDigest::sha256(), &key)?;
+    signer.update(peer)?;
+    let mac = signer.sign_to_vec()?;
+    let n = mac.len().min(out.len());
+    out[..n].copy_from_slice(&mac[..n]);
+    Ok(n)
+}
+
+fn context(role: Role, identity: &Identity) -> Result<SslContext> {
+    let mut b = SslContextBuilder::new(SslMethod::dtls())?;
+    b.set_min_proto_version(Some(SslVersion::DTLS1_2))?;
+    b.set_max_proto_version(Some(SslVersion::DTLS1_2))?;
+    b.set_cipher_list(CIPHERS)?;
+    b.set_certificate(&identity.cert)?;
+    b.set_private_key(&identity.key)?;
+    b.check_private_key()?;
+    b.set_options(SslOptions::NO_QUERY_MTU | SslOptions::NO_RENEGOTIATION);
+    if role == Role::Server {
+        b.set_options(SslOptions::COOKIE_EXCHANGE);
+        let mut secret = [0u8; 32];
+        openssl::rand::rand_bytes(&mut secret)?;
+        let secret = Arc::new(CookieSecret(secret));
+        let index = peer_index()?;
+        let s = secret.clone();
+        b.set_cookie_generate_cb(move |ssl, out| {
+            let peer = ssl.ex_data(index).map(Vec::as_slice).unwrap_or_default();
+            cookie_for(&s, peer, out)
+        });
+        b.set_cookie_verify_cb(move |ssl, cookie| {
+            let peer = ssl.ex_data(index).map(Vec::as_slice).unwrap_or_default();
+            let mut expected = [0u8; 64];
+            match cookie_for(&secret, peer, &mut expected) {
+                Ok(n) => n == cookie.len() && memcmp::eq(&expected[..n], cookie),
+                Err(_) => false,
+            }
+        });
+    }
+    Ok(b.build())
+}
+
+static PEER_INDEX: std::sync::OnceLock<openssl::ex_data::Index<Ssl, Vec<u8>>> = std::sync::OnceLock::new();
+
+/// The one SSL ex-data slot that holds the client's IP for its cookie.
+fn peer_index() -> Result<openssl::ex_data::Index<Ssl, Vec<u8>>, openssl::error::ErrorStack> {
+    if let Some(i) = PEER_INDEX.get() {
+        return Ok(*i);
+    }
+    let fresh = Ssl::new_ex_index()?;
+    Ok(*PEER_INDEX.get_or_init(|| fresh))
+}
+
+// OpenSSL's DTLS timer controls (macros over SSL_ctrl in ssl.h) and its
+// retransmission timer callback, which openssl-sys does not bind.
+const DTLS_CTRL_GET_TIMEOUT: libc::c_int = 73;
+const DTLS_CTRL_HANDLE_TIMEOUT: libc::c_int = 74;
+type DtlsTimerCb = unsafe extern "C" fn(*mut openssl_sys::SSL, libc::c_uint) -> libc::c_uint;
+extern "C" {
+    fn DTLS_set_timer_cb(s: *mut openssl_sys::SSL, cb: Option<DtlsTimerCb>);
+}
+
+/// The first handshake retransmission after this long, doubling to
+/// [`RETRANSMIT_MAX`] (OpenSSL's default starts at 1 s: too slow for a lost
+/// datagram on a LAN, and the whole handshake has [`HANDSHAKE_TIMEOUT`]).
+const RETRANSMIT_FIRST: Duration = Duration::from_millis(100);
+const RETRANSMIT_MAX: Duration = Duration::from_millis(1600);
+
+unsafe extern "C" fn retransmit_timer(_ssl: *mut openssl_sys::SSL, previous_us: libc::c_uint) -> libc::c_uint {
+    let first = RETRANSMIT_FIRST.as_micros() as libc::c_uint;
+    let max = RETRANSMIT_MAX.as_micros() as libc::c_uint;
+    if previous_us == 0 {
+        first
+    } else {
+        previous_us.saturating_mul(2).min(max)
+    }
+}
+
+/// A DTLS handshake in progress, client or server side.
+pub struct DtlsHandshake {
+    /// OpenSSL's state; it moves into the inbound half once established.
+    stream: Option<SslStream<DatagramQueue>>,
+    /// Datagrams OpenSSL wrote, waiting for [`Handshake::poll_transmit`].
+    pending: PacketBatch,
+    role: Role,
+    peer_rejected: Arc<AtomicBool>,
+    pin_path: PathBuf,
+    /// The largest UDP payload the path carries.
+    mtu: usize,
+    /// Server: the only IP a client may handshake from.
+    expected_ip: Option<IpAddr>,
+    /// Server: the client's address, fixed by its first handshake record.
+    bound: Option<SocketAddr>,
+    deadline: Time,
+    /// The latest time we were told.
+    last_seen: Time,
+    outcome: Option<Result<Session, TunnelError>>,
+    /// Tests: keep OpenSSL's finished session instead of making a [`Session`].
+    #[cfg(test)]
+    keep_openssl: Option<Option<SslStream<DatagramQueue>>>,
+}
+
+impl DtlsHandshake {
+    /// Starts a client handshake; its ClientHello is ready at once in
+    /// [`Handshake::poll_transmit`]. `mtu` is the largest UDP payload the path carries.
+    pub fn client(now: Time, identity: &Identity, pin: PinnedKey, mtu: usize) -> Result<Self> {
+        let mut hs = Self::new(now, Role::Client, identity, pin, mtu, None)?;
+        hs.advance(now);
+        Ok(hs)
+    }
+
+    /// Waits for a client at `peer`'s IP (its UDP port is not known yet; the
+    /// cookie binds the IP).
+    pub fn server(now: Time, identity: &Identity, pin: PinnedKey, mtu: usize, peer: IpAddr) -> Result<Self> {
+        Self::new(now, Role::Server, identity, pin, mtu, Some(peer))
+    }
+
+    fn new(
+        now: Time,
+        role: Role,
+        identity: &Identity,
+        pin: PinnedKey,
+        mtu: usize,
+        expected_ip: Option<IpAddr>,
+    ) -> Result<Self> {
+        let ctx = context(role, identity).context("cannot set up DTLS")?;
+        let mut ssl = Ssl::new(&ctx)?;
+        let peer_rejected = Arc::new(AtomicBool::new(false));
+        let pin_path = pin.path.clone();
+        let flag = peer_rejected.clone();
+        ssl.set_verify_callback(
+            SslVerifyMode::PEER | SslVerifyMode::FAIL_IF_NO_PEER_CERT,
+            move |_, store| {
+                // Self-signed on purpose: ignore the chain verdict and check the pin.
+                let ok = store.error_depth() != 0
+                    || store
+                        .current_cert()
+                        .and_then(|c| c.to_der().ok())
+                        .is_some_and(|der| pin.matches_cert_der(&der));
+                if ok {
+                    store.set_error(X509VerifyResult::OK);
+                } else {
+                    // X509_V_ERR_CERT_REJECTED: the peer gets a bad_certificate alert.
+                    // SAFETY: 28 is X509_V_ERR_CERT_REJECTED, a valid verify result code.
+                    store.set_error(unsafe { X509VerifyResult::from_raw(28) });
+                    flag.store(true, Ordering::Relaxed);
+                }
+                ok
+            },
+        );
+        ssl.set_mtu(mtu as u32)?;
+        // SAFETY: the SSL object is live; the callback is a plain function.
+        unsafe { DTLS_set_timer_cb(ssl.as_ptr(), Some(retransmit_timer)) };
+        if let Some(ip) = expected_ip {
+            ssl.set_ex_data(peer_index()?, ip.to_string().into_bytes());
+        }
+        match role {
+            Role::Client => ssl.set_connect_state(),
+            Role::Server => ssl.set_accept_state(),
+        }
+        Ok(DtlsHandshake {
+            stream: Some(SslStream::new(ssl, DatagramQueue::new())?),
+            pending: PacketBatch::with_capacity(16, HANDSHAKE_DATAGRAM),
+            role,
+            peer_rejected,
+            pin_path,
+            mtu,
+            expected_ip,
+            bound: None,
+            deadline: now + HANDSHAKE_TIMEOUT,
+            last_seen: now,
+            outcome: None,
+            #[cfg(test)]
+            keep_openssl: None,
+        })
+    }
+
+    fn classify(&self, e: &openssl::ssl::Error) -> TunnelError {
+        if self.peer_rejected.load(Ordering::Relaxed) {
+            return TunnelError::PeerKeyNotPinned(self.pin_path.display().to_string());
+        }
+        if e.code() == ErrorCode::ZERO_RETURN {
+            return TunnelError::Closed;
+        }
+        let text = e.to_string();
+        // Alerts our peer sends when its pin check fails.
+        if text.contains("alert bad certificate") {
+            return TunnelError::OurKeyRefused;
+        }
+        TunnelError::Failed(format!("DTLS failed: {text}"))
+    }
+
+    /// Runs the handshake as far as it goes with what OpenSSL has, and keeps
+    /// what it wrote for [`Handshake::poll_transmit`].
+    fn advance(&mut self, now: Time) {
+        let Some(stream) = self.stream.as_mut() else { return };
+        let result = stream.do_handshake();
+        stream.get_mut().drain_into(&mut self.pending);
+        match result {
+            Ok(()) => {
+                let stream = self.stream.take().expect("checked above");
+                #[cfg(test)]
+                if let Some(kept) = self.keep_openssl.as_mut() {
+                    *kept = Some(stream);
+                    return;
+                }
+                self.outcome = Some(self.established(now, stream));
+            }
+            Err(e) if e.code() == ErrorCode::WANT_READ || e.code() == ErrorCode::WANT_WRITE => {}
+            Err(e) => {
+                self.outcome = Some(Err(self.classify(&e)));
+                self.stream = None;
+            }
+        }
+    }
+
+    /// The keys of the finished handshake, split into the two halves.
+    fn established(&mut self, now: Time, stream: SslStream<DatagramQueue>) -> Result<Session, TunnelError> {
+        let ssl = stream.ssl();
+        let cipher = ssl.current_cipher().map(|c| c.name()).unwrap_or("none");
+        let suite = Suite::from_openssl_name(cipher)
+            .ok_or_else(|| TunnelError::Failed(format!("DTLS negotiated an unexpected cipher {cipher}")))?;
+        let mut master = [0u8; 48];
+        let master_len = ssl.session().map_or(0, |s| s.master_key(&mut master));
+        let (mut client_random, mut server_random) = ([0u8; 32], [0u8; 32]);
+        let randoms = (
+            ssl.client_random(&mut client_random),
+            ssl.server_random(&mut server_random),
+        );
+        if master_len != 48 || randoms != (32, 32) {
+            return Err(TunnelError::Failed("DTLS finished without session secrets".into()));
+        }
+        let keys = SessionKeys::derive(suite, &master, &client_random, &server_random);
+        master.fill(0);
+        let (sealer, opener) = keys.split(self.role == Role::Client);
+        let liveness = Arc::new(Liveness::standard(now));
+        Ok(Session {
+            outbound: Box::new(DtlsOutbound {
+                sealer,
+                liveness: liveness.clone(),
+                max_packet: self.mtu - OVERHEAD,
+            }),
+            // OpenSSL stays for the rest of the session to answer a
+            // retransmitted final flight.
+            inbound: Box::new(DtlsInbound {
+                opener,
+                stream,
+                liveness,
+                peer: self.bound,
+            }),
+            peer: self.bound,
+            description: format!("DTLS 1.2 {cipher}"),
+        })
+    }
+}
+
+impl Handshake for DtlsHandshake {
+    fn handle_datagram(&mut self, now: Time, from: Option<SocketAddr>, datagram: &[u8]) {
+        self.last_seen = self.last_seen.max(now);
+        let Some(stream) = self.stream.as_mut() else { return };
+        if self.role == Role::Server {
+            let Some(from) = from else { return };
+            if Some(from.ip()) != self.expected_ip || self.bound.is_some_and(|b| b != from) {
+                return;
+            }
+            // Only a handshake record may bind the session's port: stale
+            // datagrams of an earlier session from the same host must not.
+            if self.bound.is_none() && datagram.first() != Some(&content::HANDSHAKE) {
+                return;
+            }
+            self.bound = Some(from);
+        }
+        stream.get_mut().put(datagram);
+        self.advance(now);
+        // Whatever OpenSSL did not read of the datagram is discarded.
+        if let Some(s) = self.stream.as_mut() {
+            s.get_mut().inbound_ready = false;
+        }
+    }
+
+    fn poll_transmit(&mut self, out: &mut PacketBatch) -> Option<SocketAddr> {
+        for p in self.pending.iter() {
+            if !out.push(p) {
+                break;
+            }
+        }
+        self.pending.clear();
+        if self.role == Role::Server {
+            self.bound
+        } else {
+            None
+        }
+    }
+
+    fn poll_timeout(&self) -> Time {
+        // OpenSSL's retransmission timer runs on its own clock; ask it what
+        // is left, and look again at least every 100 ms.
+        let mut left = Duration::from_millis(100);
+        if let Some(stream) = &self.stream {
+            let mut tv = libc::timeval { tv_sec: 0, tv_usec: 0 };
+            // SAFETY: DTLS_CTRL_GET_TIMEOUT writes one timeval into a live one.
+            let running = unsafe {
+                openssl_sys::SSL_ctrl(
+                    stream.ssl().as_ptr(),
+                    DTLS_CTRL_GET_TIMEOUT,
+                    0,
+                    (&mut tv as *mut libc::timeval).cast(),
+                )
+            };
+            if running > 0 {
+                left = left.min(Duration::new(tv.tv_sec as u64, tv.tv_usec as u32 * 1000));
+            }
+        }
+        self.deadline.min(self.last_seen + left)
+    }
+
+    fn handle_timeout(&mut self, now: Time) {
+        self.last_seen = self.last_seen.max(now);
+        let Some(stream) = self.stream.as_mut() else { return };
+        if now >= self.deadline {
+            self.stream = None;
+            self.outcome = Some(Err(TunnelError::HandshakeTimeout(HANDSHAKE_TIMEOUT)));
+            return;
+        }
+        // SAFETY: DTLS_CTRL_HANDLE_TIMEOUT takes no argument.
+        unsafe { openssl_sys::SSL_ctrl(stream.ssl().as_ptr(), DTLS_CTRL_HANDLE_TIMEOUT, 0, std::ptr::null_mut()) };
+        stream.get_mut().drain_into(&mut self.pending);
+    }
+
+    fn outcome(&mut self) -> Option<Result<Session, TunnelError>> {
+        self.outcome.take()
+    }
+}
+
+/// The sending half: seals packets into records, keeps the timers.
+struct DtlsOutbound {
+    sealer: Sealer,
+    liveness: Arc<Liveness>,
+    max_packet: usize,
+}
+
+impl DtlsOutbound {
+    fn seal_at(&mut self, content: u8, batch: &mut PacketBatch, i: usize) -> Result<bool, TunnelError> {
+        let (buf, start, len) = batch.buffer_mut(i);
+        if len == 0 || len > self.max_packet || start < PREFIX_LEN || start + len + TAG_LEN > buf.len() {
+            return Ok(false);
+        }
+        let at = start - PREFIX_LEN;
+        let n = self
+            .sealer
+            .seal(content, &mut buf[at..], len)
+            .map_err(|e| TunnelError::Failed(e.to_string()))?;
+        batch.set_bounds(i, at, n);
+        Ok(true)
+    }
+}
+
+impl Outbound for DtlsOutbound {
+    fn headroom(&self) -> usize {
+        PREFIX_LEN
+    }
+
+    fn tailroom(&self) -> usize {
+        TAG_LEN
+    }
+
+    fn max_packet(&self) -> usize {
+        self.max_packet
+    }
+
+    fn encapsulate(&mut self, now: Time, batch: &mut PacketBatch) -> Result<Encapsulated, TunnelError> {
+        let mut done = Encapsulated::default();
+        let mut keep = [true; crate::io::batch::BATCH_SIZE];
+        for (i, keep) in keep.iter_mut().enumerate().take(batch.len()) {
+            if self.seal_at(content::APPLICATION_DATA, batch, i)? {
+                done.sealed += 1;
+            } else {
+                *keep = false;
+                done.oversize += 1;
+            }
+        }
+        if done.oversize > 0 {
+            let mut i = 0;
+            batch.retain(|_, _| {
+                i += 1;
+                keep[i - 1]
+            });
+        }
+        if done.sealed > 0 {
+            self.liveness.sent(now);
+        }
+        Ok(done)
+    }
+
+    fn poll_timeout(&self) -> Time {
+        self.liveness.poll_timeout()
+    }
+
+    fn handle_timeout(&mut self, now: Time, out: &mut PacketBatch) -> Result<(), TunnelError> {
+        match self.liveness.due(now) {
+            Due::Nothing => Ok(()),
+            Due::Silent(d) => Err(TunnelError::Silent(d)),
+            Due::Heartbeat => {
+                if out.push_at(PREFIX_LEN, HEARTBEAT) {
+                    let i = out.len() - 1;
+                    self.seal_at(content::APPLICATION_DATA, out, i)?;
+                }
+                self.liveness.sent(now);
+                Ok(())
+            }
+        }
+    }
+
+    fn close(&mut self, out: &mut PacketBatch) {
+        if out.push_at(PREFIX_LEN, &CLOSE_NOTIFY) {
+            let i = out.len() - 1;
+            let _ = self.seal_at(content::ALERT, out, i);
+        }
+    }
+}
+
+/// The receiving half: opens records; hands handshake records to OpenSSL.
+struct DtlsInbound {
+    opener: Opener,
+    stream: SslStream<DatagramQueue>,
+    liveness: Arc<Liveness>,
+    /// Server: where the client's records come from now.
+    peer: Option<SocketAddr>,
+}
+
+impl DtlsInbound {
+    /// Lets OpenSSL answer a handshake record (a retransmitted final flight).
+    fn pass_to_openssl(&mut self, record: &[u8], reply: &mut PacketBatch) {
+        self.stream.get_mut().put(record);
+        let mut scratch = [0u8; 64];
+        // Application data never goes this way; a retransmitted Finished makes
+        // OpenSSL resend its last flight. Errors here are a forger's, not the peer's.
+        let _ = self.stream.ssl_read(&mut scratch);
+        let q = self.stream.get_mut();
+        q.inbound_ready = false;
+        q.drain_into(reply);
+    }
+}
+
+impl Inbound for DtlsInbound {
+    fn decapsulate(
+        &mut self,
+        now: Time,
+        batch: &mut PacketBatch,
+        packets: &mut PacketRefs,
+        reply: &mut PacketBatch,
+    ) -> Result<Decapsulated, TunnelError> {
+        let mut done = Decapsulated::default();
+        let mut alive = false;
+        for i in 0..batch.len() {
+            let from = batch.peer(i);
+            let from_peer = self.peer.is_none() || from == self.peer;
+            let stride = batch.stride(i);
+            let (buf, start, len) = batch.buffer_mut(i);
+            let stride = if stride == 0 { len } else { stride };
+            let mut at = start;
+            while at < start + len {
+                let datagram_end = (at + stride).min(start + len);
+                // Records within one datagram, one after the other.
+                let mut r = at;
+                while r < datagram_end {
+                    let (result, used) = self.opener.open(&mut buf[r..datagram_end]);
+                    match result {
+                        Ok(Record::Opened {
+                            content,
+                            plaintext,
+                            newest,
+                        }) => {
+                            alive = true;
+                            if newest && !from_peer {
+                                self.peer = from;
+                                done.peer_moved = from;
+                            }
+                            let body = &buf[r + plaintext.start..r + plaintext.end];
+                            match content {
+                                content::APPLICATION_DATA if body == HEARTBEAT => {}
+                                content::APPLICATION_DATA => {
+                                    packets.push(PacketRef {
+                                        buffer: i as u16,
+                                        start: (r + plaintext.start) as u32,
+                                        len: plaintext.len() as u32,
+                                    });
+                                    done.packets += 1;
+                                }
+                                _ if body == CLOSE_NOTIFY => return Err(TunnelError::Closed),
+                                _ if body.first() == Some(&2) => {
+                                    let what = body.get(1).copied().unwrap_or(0);
+                                    return Err(TunnelError::Failed(format!("the peer sent fatal alert {what}")));
+                                }
+                                _ => {}
+                            }
+                        }
+                        Ok(Record::Handshake(range)) => {
+                            if from_peer {
+                                self.pass_to_openssl(&buf[r + range.start..r + range.end], reply);
+                            } else {
+                                done.dropped += 1;
+                            }
+                        }
+                        Err(Dropped::Malformed | Dropped::Forged | Dropped::Replayed) => done.dropped += 1,
+                    }
+                    r += used.max(1);
+                }
+                at = datagram_end;
+            }
+        }
+        if alive {
+            self.liveness.received(now);
+        }
+        Ok(done)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys;
+    use std::collections::VecDeque;
+
+    struct Keys {
+        dir: PathBuf,
+    }
+
+    impl Keys {
+        fn new() -> Self {
+            let mut r = [0u8; 8];
+            openssl::rand::rand_bytes(&mut r).unwrap();
+            let dir = std::env::temp_dir().join(format!("teletun-dtls-{}", u64::from_le_bytes(r)));
+            std::fs::create_dir_all(&dir).unwrap();
+            for n in ["server", "client", "other"] {
+                keys::generate(&dir.join(n)).unwrap();
+            }
+            Keys { dir }
+        }
+        fn id(&self, n: &str) -> Identity {
+            keys::load_identity(&self.dir.join(format!("{n}.key"))).unwrap()
+        }
+        fn pin(&self, n: &str) -> PinnedKey {
+            keys::load_pinned(&self.dir.join(format!("{n}.pub"))).unwrap()
+        }
+    }
+
+    impl Drop for Keys {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    const CLIENT: &str = "192.0.2.7:4000";
+
+    fn client_addr() -> SocketAddr {
+        CLIENT.parse().unwrap()
+    }
+
+    fn handshakes(
+        k: &Keys,
+        client_id: &str,
+        client_pins: &str,
+        server_id: &str,
+        server_pins: &str,
+    ) -> (DtlsHandshake, DtlsHandshake) {
+        let now = crate::tunnel::now();
+        let client = DtlsHandshake::client(now, &k.id(client_id), k.pin(client_pins), 1400).unwrap();
+        let server =
+            DtlsHandshake::server(now, &k.id(server_id), k.pin(server_pins), 1400, client_addr().ip()).unwrap();
+        (client, server)
+    }
+
+    fn drain(h: &mut dyn Handshake) -> Vec<Vec<u8>> {
+        let mut out = PacketBatch::with_capacity(16, 2048);
+        h.poll_transmit(&mut out);
+        out.iter().map(<[u8]>::to_vec).collect()
+    }
+
+    /// Runs both handshakes in memory, on real time (OpenSSL's retransmission
+    /// timer is its own), dropping the datagrams `lose` picks (by direction
+    /// and count). Returns how many datagrams crossed each way.
+    fn exchange(
+        client: &mut DtlsHandshake,
+        server: &mut DtlsHandshake,
+        mut lose: impl FnMut(bool, usize) -> bool,
+    ) -> (usize, usize) {
+        let (mut up, mut down) = (0, 0);
+        let mut flight: VecDeque<(bool, Vec<u8>)> = VecDeque::new();
+        let deadline = crate::tunnel::now() + Duration::from_secs(5);
+        while crate::tunnel::now() < deadline {
+            flight.extend(drain(client).into_iter().map(|d| (true, d)));
+            flight.extend(drain(server).into_iter().map(|d| (false, d)));
+            if client.stream.is_none() && (server.stream.is_none()) {
+                break;
+            }
+            let Some((to_server, d)) = flight.pop_front() else {
+                let wake = client.poll_timeout().min(server.poll_timeout());
+                std::thread::sleep(wake.saturating_sub(crate::tunnel::now()));
+                client.handle_timeout(crate::tunnel::now());
+                server.handle_timeout(crate::tunnel::now());
+                continue;
+            };
+            let n = if to_server { &mut up } else { &mut down };
+            *n += 1;
+            if lose(to_server, *n) {
+                continue;
+            }
+            if to_server {
+                server.handle_datagram(crate::tunnel::now(), Some(client_addr()), &d);
+            } else {
+                client.handle_datagram(crate::tunnel::now(), None, &d);
+            }
+        }
+        (up, down)
+    }
+
+    fn sessions(client: &mut DtlsHandshake, server: &mut DtlsHandshake) -> (Session, Session) {
+        let c = client.outcome().expect("client finished").expect("client established");
+        let s = server.outcome().expect("server finished").expect("server established");
+        (c, s)
+    }
+
+    fn batch_of(packets: &[Vec<u8>]) -> PacketBatch {
+        let mut b = PacketBatch::new();
+        for p in packets {
+            assert!(b.push_at(PREFIX_LEN, p));
+        }
+        b
+    }
+
+    /// Seals `packets` with `from` and returns the datagrams.
+    fn seal(from: &mut Session, now: Time, packets: &[Vec<u8>]) -> Vec<Vec<u8>> {
+        let mut b = batch_of(packets);
+        from.outbound.encapsulate(now, &mut b).unwrap();
+        b.iter().map(<[u8]>::to_vec).collect()
+    }
+
+    /// Opens `datagrams` (each a buffer of its own, from `peer`) with `to`.
+    fn open(
+        to: &mut Session,
+        now: Time,
+        datagrams: &[Vec<u8>],
+        peer: Option<SocketAddr>,
+    ) -> (Vec<Vec<u8>>, Decapsulated, Vec<Vec<u8>>) {
+        let mut b = PacketBatch::new();
+        for d in datagrams {
+            b.next_free().unwrap()[..d.len()].copy_from_slice(d);
+            b.commit(0, d.len(), peer);
+        }
+        let mut refs = PacketRefs::default();
+        let mut reply = PacketBatch::with_capacity(16, 2048);
+        let r = to.inbound.decapsulate(now, &mut b, &mut refs, &mut reply).unwrap();
+        (
+            refs.packets(&b).map(<[u8]>::to_vec).collect(),
+            r,
+            reply.iter().map(<[u8]>::to_vec).collect(),
+        )
+    }
+
+    fn packets(n: usize) -> Vec<Vec<u8>> {
+        (0..n).map(|i| vec![0x45; 20 + i * 13 % 1300 + 1]).collect()
+    }
+
+    #[test]
+    fn handshake_then_packets_both_ways_once_each() {
+        let k = Keys::new();
+        let (mut c, mut s) = handshakes(&k, "client", "server", "server", "client");
+        exchange(&mut c, &mut s, |_, _| false);
+        let (mut client, mut server) = sessions(&mut c, &mut s);
+        assert_eq!(server.peer, Some(client_addr()));
+        assert!(
+            client.description.starts_with("DTLS 1.2 ECDHE-ECDSA-AES"),
+            "{}",
+            client.description
+        );
+        let now = crate::tunnel::now();
+        let sent = packets(40);
+        let datagrams = seal(&mut client, now, &sent);
+        assert!(datagrams
+            .iter()
+            .all(|d| d.len() <= 1400 && d[0] == content::APPLICATION_DATA));
+        let (got, r, _) = open(&mut server, now, &datagrams, Some(client_addr()));
+        assert_eq!((got, r.dropped), (sent.clone(), 0));
+        // Replayed: dropped, nothing delivered twice.
+        let (got, r, _) = open(&mut server, now, &datagrams[..5], Some(client_addr()));
+        assert_eq!((got.len(), r.dropped), (0, 5));
+        // The other way, lost, reordered and duplicated on the path.
+        let back = seal(&mut server, now, &sent);
+        let mut path: Vec<Vec<u8>> = back
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| i % 7 != 3)
+            .map(|(_, d)| d.clone())
+            .collect();
+        path.reverse();
+        path.push(path[0].clone());
+        let (got, r, _) = open(&mut client, now, &path, None);
+        let mut want: Vec<Vec<u8>> = sent
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| i % 7 != 3)
+            .map(|(_, p)| p.clone())
+            .collect();
+        want.reverse();
+        assert_eq!((got, r.dropped), (want, 1));
+    }
+
+    #[test]
+    fn a_gro_buffer_of_several_datagrams_opens_in_place() {
+        let k = Keys::new();
+        let (mut c, mut s) = handshakes(&k, "client", "server", "server", "client");
+        exchange(&mut c, &mut s, |_, _| false);
+        let (mut client, mut server) = sessions(&mut c, &mut s);
+        let now = crate::tunnel::now();
+        let sent: Vec<Vec<u8>> = (0..6u8).map(|i| vec![i; if i == 5 { 300 } else { 1000 }]).collect();
+        let datagrams = seal(&mut client, now, &sent);
+        // One buffer, datagrams back to back at a stride, as UDP_GRO delivers them.
+        let train = datagrams.concat();
+        let mut b = PacketBatch::new();
+        {
+            let mut parts = b.raw_parts();
+            parts.bufs[0][..train.len()].copy_from_slice(&train);
+            parts.set(0, 0, train.len(), datagrams[0].len(), Some(client_addr()));
+            *parts.count = 1;
+        }
+        let mut refs = PacketRefs::default();
+        let mut reply = PacketBatch::new();
+        let r = server.inbound.decapsulate(now, &mut b, &mut refs, &mut reply).unwrap();
+        assert_eq!(r.packets, 6);
+        assert_eq!(refs.packets(&b).map(<[u8]>::to_vec).collect::<Vec<_>>(), sent);
+    }
+
+    #[test]
+    fn server_answers_a_client_hello_with_a_cookie_first() {
+        let k = Keys::new();
+        let (mut client, mut server) = handshakes(&k, "client", "server", "server", "client");
+        let now = crate::tunnel::now();
+        let hello = drain(&mut client);
+        assert_eq!(hello.len(), 1);
+        // Record type 22 (handshake), message type 1 (ClientHello) after the 13-byte header.
+        assert_eq!((hello[0][0], hello[0][13]), (content::HANDSHAKE, 1));
+        server.handle_datagram(now, Some(client_addr()), &hello[0]);
+        let answer = drain(&mut server);
+        assert_eq!(answer.len(), 1, "one HelloVerifyRequest, nothing else");
+        assert_eq!(answer[0][13], 3, "message type 3 is HelloVerifyRequest");
+        client.handle_datagram(now, None, &answer[0]);
+        let hello2 = drain(&mut client);
+        assert_eq!(hello2[0][13], 1);
+        assert!(
+            hello2[0].len() > hello[0].len(),
+            "the second ClientHello carries the cookie"
+        );
+        // Another server (another cookie secret) does not accept that cookie.
+        let (_, mut other) = handshakes(&k, "client", "server", "server", "client");
+        other.handle_datagram(now, Some(client_addr()), &hello2[0]);
+        assert!(
+            drain(&mut other).iter().all(|d| d[13] != 2),
+            "a cookie from another secret is refused"
+        );
+        server.handle_datagram(now, Some(client_addr()), &hello2[0]);
+        assert!(
+            drain(&mut server).iter().any(|d| d[13] == 2),
+            "ServerHello follows a valid cookie"
+        );
+        // Other hosts and non-handshake datagrams are ignored.
+        let (_, mut fresh) = handshakes(&k, "client", "server", "server", "client");
+        fresh.handle_datagram(now, Some("192.0.2.8:4000".parse().unwrap()), &hello[0]);
+        fresh.handle_datagram(now, Some(client_addr()), &[23, 0xfe, 0xfd, 0, 1]);
+        assert!(drain(&mut fresh).is_empty());
+        assert_eq!(fresh.bound, None);
+    }
+
+    #[test]
+    fn unpinned_keys_are_refused_both_ways() {
+        let k = Keys::new();
+        let (mut c, mut s) = handshakes(&k, "other", "server", "server", "client");
+        exchange(&mut c, &mut s, |_, _| false);
+        assert!(matches!(s.outcome(), Some(Err(TunnelError::PeerKeyNotPinned(_)))));
+        assert!(matches!(c.outcome(), Some(Err(TunnelError::OurKeyRefused))));
+        let (mut c, mut s) = handshakes(&k, "client", "server", "other", "client");
+        exchange(&mut c, &mut s, |_, _| false);
+        assert!(matches!(c.outcome(), Some(Err(TunnelError::PeerKeyNotPinned(_)))));
+        assert!(matches!(s.outcome(), Some(Err(TunnelError::OurKeyRefused))));
+    }
+
+    #[test]
+    fn lost_handshake_datagrams_are_retransmitted() {
+        let k = Keys::new();
+        let (mut c, mut s) = handshakes(&k, "client", "server", "server", "client");
+        // The first ClientHello and the server's first answer are lost.
+        let (up, down) = exchange(&mut c, &mut s, |to_server, n| n == 1 || (to_server && n == 3));
+        let _ = sessions(&mut c, &mut s);
+        assert!(up > 4 && down > 2, "retransmissions crossed: {up} up, {down} down");
+    }
+
+    /// The server's final flight is lost after the server is established:
+    /// the client retransmits its own, and the server's inbound half (OpenSSL
+    /// kept for that) answers it, so the client finishes too.
+    #[test]
+    fn a_lost_final_flight_is_answered_by_the_established_server() {
+        let k = Keys::new();
+        let (mut c, mut s) = handshakes(&k, "client", "server", "server", "client");
+        let mut server_done = false;
+        let deadline = crate::tunnel::now() + Duration::from_secs(5);
+        let mut server_session = None;
+        while c.stream.is_some() && crate::tunnel::now() < deadline {
+            for d in drain(&mut c) {
+                match server_session.as_mut() {
+                    None => {
+                        s.handle_datagram(crate::tunnel::now(), Some(client_addr()), &d);
+                    }
+                    Some(session) => {
+                        let (got, _, reply) = open(session, crate::tunnel::now(), &[d], Some(client_addr()));
+                        assert!(got.is_empty());
+                        for r in reply {
+                            c.handle_datagram(crate::tunnel::now(), None, &r);
+                        }
+                    }
+                }
+            }
+            let flight = drain(&mut s);
+            if let Some(Ok(session)) = s.outcome() {
+                server_done = true;
+                server_session = Some(session);
+                continue; // the final flight is lost
+            }
+            for d in flight {
+                c.handle_datagram(crate::tunnel::now(), None, &d);
+            }
+            std::thread::sleep(c.poll_timeout().saturating_sub(crate::tunnel::now()));
+            c.handle_timeout(crate::tunnel::now());
+        }
+        assert!(server_done);
+        let mut client = c.outcome().expect("client finished").expect("client established");
+        let mut server = server_session.unwrap();
+        let now = crate::tunnel::now();
+        let d = seal(&mut client, now, &[b"after".to_vec()]);
+        assert_eq!(
+            open(&mut server, now, &d, Some(client_addr())).0,
+            vec![b"after".to_vec()]
+        );
+    }
+
+    #[test]
+    fn heartbeats_silence_and_close_on_a_fake_clock() {
+        let k = Keys::new();
+        let (mut c, mut s) = handshakes(&k, "client", "server", "server", "client");
+        exchange(&mut c, &mut s, |_, _| false);
+        let (mut client, mut server) = sessions(&mut c, &mut s);
+        // The halves were made at real `now`; a fake clock starts there.
+        let t0 = crate::tunnel::now();
+        let beat_at = client.outbound.poll_timeout();
+        assert!(beat_at > t0 && beat_at <= t0 + crate::tunnel::liveness::HEARTBEAT_INTERVAL);
+        let mut out = PacketBatch::new();
+        client.outbound.handle_timeout(beat_at, &mut out).unwrap();
+        assert_eq!(out.len(), 1, "a heartbeat is due");
+        let beat = out.get(0).to_vec();
+        let (got, r, _) = open(&mut server, beat_at, &[beat], Some(client_addr()));
+        assert!(got.is_empty() && r.dropped == 0, "a heartbeat delivers nothing");
+        // Nothing due until the next interval.
+        out.clear();
+        client
+            .outbound
+            .handle_timeout(beat_at + Duration::from_millis(10), &mut out)
+            .unwrap();
+        assert!(out.is_empty());
+        // Four silent seconds after the last record from the server: over.
+        let late = t0 + crate::tunnel::liveness::SILENCE_LIMIT + Duration::from_millis(1);
+        assert!(matches!(
+            client.outbound.handle_timeout(late, &mut out),
+            Err(TunnelError::Silent(_))
+        ));
+        // close_notify ends the peer's session.
+        out.clear();
+        server.outbound.close(&mut out);
+        let d = out.get(0).to_vec();
+        let mut b = PacketBatch::new();
+        b.push(&d);
+        let r = client
+            .inbound
+            .decapsulate(late, &mut b, &mut PacketRefs::default(), &mut PacketBatch::new());
+        assert!(matches!(r, Err(TunnelError::Closed)));
+    }
+
+    #[test]
+    fn only_the_newest_authentic_record_moves_the_peer() {
+        let k = Keys::new();
+        let (mut c, mut s) = handshakes(&k, "client", "server", "server", "client");
+        exchange(&mut c, &mut s, |_, _| false);
+        let (mut client, mut server) = sessions(&mut c, &mut s);
+        let now = crate::tunnel::now();
+        let d = seal(&mut client, now, &packets(3));
+        let roamed: SocketAddr = "198.51.100.9:5555".parse().unwrap();
+        // A forged datagram from a new address moves nothing.
+        let mut forged = d[0].clone();
+        *forged.last_mut().unwrap() ^= 1;
+        assert_eq!(open(&mut server, now, &[forged], Some(roamed)).1.peer_moved, None);
+        // The newest record from there does.
+        assert_eq!(
+            open(&mut server, now, &d[1..2], Some(roamed)).1.peer_moved,
+            Some(roamed)
+        );
+        // An older one from the old address, arriving late, does not move it back.
+        let (got, r, _) = open(&mut server, now, &d[..1], Some(client_addr()));
+        assert_eq!((got.len(), r.peer_moved), (1, None));
+    }
+
+    /// Our records are standard DTLS 1.2: OpenSSL's own record layer opens
+    /// what we seal, and we open what it seals, in both roles.
+    #[test]
+    fn records_interoperate_with_openssl() {
+        let k = Keys::new();
+        for openssl_is_server in [true, false] {
+            let (mut c, mut s) = handshakes(&k, "client", "server", "server", "client");
+            let kept = if openssl_is_server { &mut s } else { &mut c };
+            kept.keep_openssl = Some(None);
+            exchange(&mut c, &mut s, |_, _| false);
+            let (ours, theirs) = if openssl_is_server {
+                (&mut c, &mut s)
+            } else {
+                (&mut s, &mut c)
+            };
+            let mut ours = ours.outcome().unwrap().unwrap();
+            let mut theirs = theirs.keep_openssl.take().unwrap().expect("OpenSSL finished");
+            let now = crate::tunnel::now();
+            for p in packets(5) {
+                let d = seal(&mut ours, now, std::slice::from_ref(&p));
+                theirs.get_mut().put(&d[0]);
+                let mut buf = [0u8; 2048];
+                let n = theirs.ssl_read(&mut buf).expect("OpenSSL opens our record");
+                assert_eq!(&buf[..n], &p[..]);
+                theirs.ssl_write(&p).unwrap();
+                let mut from_openssl = PacketBatch::new();
+                theirs.get_mut().drain_into(&mut from_openssl);
+                let d: Vec<Vec<u8>> = from_openssl.iter().map(<[u8]>::to_vec).collect();
+                let peer = if openssl_is_server { None } else { Some(client_addr()) };
+                assert_eq!(open(&mut ours, now, &d, peer).0, vec![p]);
+            }
+        }
+    }
+}
