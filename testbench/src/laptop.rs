@@ -8,33 +8,10 @@ use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 
+use crate::cache::cached;
 use crate::exec;
 use crate::netns::{Netns, CMD_TIMEOUT};
 use crate::topology::DnsManager;
-
-/// Where downloaded packages are cached between runs.
-pub fn cache_dir() -> PathBuf {
-    std::env::var_os("TESTBENCH_CACHE").map_or_else(|| PathBuf::from("/var/cache/teletun-testbench"), PathBuf::from)
-}
-
-/// A directory under the cache made once by `make` (which fills the path it
-/// is given); parallel runs wait for the one that makes it. Returns its path.
-fn cached(key: &str, make: impl FnOnce(&Path) -> Result<()>) -> Result<PathBuf> {
-    let root = cache_dir().join(key);
-    let tree = root.join("tree");
-    std::fs::create_dir_all(&root).with_context(|| format!("cannot create {}", root.display()))?;
-    let lock = std::fs::File::create(root.join(".lock"))?;
-    // SAFETY: flock on a descriptor we own; released when `lock` is dropped.
-    if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX) } != 0 {
-        bail!("cannot lock {}: {}", root.display(), std::io::Error::last_os_error());
-    }
-    if !tree.join(".complete").exists() {
-        let _ = std::fs::remove_dir_all(&tree);
-        make(&tree)?;
-        std::fs::write(tree.join(".complete"), b"")?;
-    }
-    Ok(tree)
-}
 
 /// Downloads and unpacks a Debian package once (at `version`, or the
 /// archive's candidate); returns the unpacked tree.

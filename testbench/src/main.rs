@@ -3,6 +3,8 @@
 
 mod agent;
 mod bench;
+mod cache;
+mod chart;
 mod closed_set;
 mod cluster;
 mod exec;
@@ -75,7 +77,8 @@ enum Cmd {
         #[arg(long, default_value = "single-node")]
         config: String,
     },
-    /// Measure throughput and RTT through the raw underlay and through the tunnel.
+    /// Measure throughput (one and four TCP streams), RTT and CPU per byte
+    /// through the raw underlay, teletun and peer VPNs.
     Bench {
         /// Seconds per iperf3 run.
         #[arg(long, default_value_t = 5)]
@@ -84,8 +87,12 @@ enum Cmd {
         #[arg(long, default_value_t = 3)]
         runs: u32,
         /// Peer VPNs measured beside teletun, comma-separated, or `none`
-        /// (known: socat-dtls, openvpn, wireguard-go; one not installed is reported, not measured).
-        #[arg(long, value_delimiter = ',', default_value = "socat-dtls,openvpn,wireguard-go")]
+        /// (known: socat-dtls, openvpn, wireguard-go, boringtun; one that cannot run is reported, not measured).
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "socat-dtls,openvpn,wireguard-go,boringtun"
+        )]
         peers: Vec<String>,
     },
     /// Helpers that run inside namespaces (used by the testbench itself).
@@ -354,16 +361,26 @@ fn main() -> ExitCode {
                 preflight(true)?;
                 netns::remove_stale();
                 let teletun = find_teletun(cli.teletun)?;
-                let results = bench::run(
+                let report = bench::run(
                     &teletun,
                     &out.join("runs"),
                     &bench::BenchOptions { seconds, runs, peers },
                 )?;
-                print!("{}", bench::table(&results));
+                let results = &report.paths;
+                for r in results.iter().filter(|r| r.version.is_some()) {
+                    println!("{}: {}", r.path, r.version.as_deref().unwrap_or_default());
+                }
+                print!("{}", bench::table(results));
+                print!("{}", report.footer());
                 std::fs::create_dir_all(&out)?;
                 let path = out.join("bench.json");
-                std::fs::write(&path, serde_json::to_vec_pretty(&results)?)?;
-                println!("results: {}", path.display());
+                std::fs::write(&path, serde_json::to_vec_pretty(&report)?)?;
+                let title = format!(
+                    "TCP through each path, median of {runs} runs of {seconds} s (line: lowest to highest run)"
+                );
+                let chart = out.join("bench.svg");
+                std::fs::write(&chart, chart::svg(&title, results))?;
+                println!("results: {} and {}", path.display(), chart.display());
                 Ok(true)
             }
             Cmd::Agent(_) => unreachable!("handled above"),

@@ -19,6 +19,10 @@ use crate::cluster::Cluster;
 use crate::exec::{self, Background};
 use crate::netns::Netns;
 
+mod builds;
+mod tls;
+mod wireguard;
+
 /// The MTU of the peers' TUN devices: WireGuard's default, which leaves room
 /// for DTLS or OpenVPN framing inside a 1500-byte underlay.
 pub const PEER_MTU: u32 = 1420;
@@ -30,13 +34,17 @@ pub enum Peer {
     SocatDtls,
     /// OpenVPN 2.x in point-to-point TLS mode over UDP, AES-256-GCM, no DCO.
     OpenVpn,
-    /// wireguard-go, WireGuard's userspace implementation, configured with `wg`.
+    /// wireguard-go, WireGuard's userspace implementation, configured with
+    /// `wg`: a modern one, with its offloads (builds.rs).
     WireGuardGo,
+    /// boringtun-cli, Cloudflare's Rust WireGuard, configured with `wg`
+    /// (built from its crate, builds.rs).
+    Boringtun,
 }
 
 impl Peer {
     /// Every peer, in table order.
-    pub const ALL: [Peer; 3] = [Peer::SocatDtls, Peer::OpenVpn, Peer::WireGuardGo];
+    pub const ALL: [Peer; 4] = [Peer::SocatDtls, Peer::OpenVpn, Peer::WireGuardGo, Peer::Boringtun];
 
     /// The name used on the command line and in results.
     pub fn name(self) -> &'static str {
@@ -44,6 +52,7 @@ impl Peer {
             Peer::SocatDtls => "socat-dtls",
             Peer::OpenVpn => "openvpn",
             Peer::WireGuardGo => "wireguard-go",
+            Peer::Boringtun => "boringtun",
         }
     }
 
@@ -60,7 +69,8 @@ impl Peer {
         match self {
             Peer::SocatDtls => &[("socat", "socat")],
             Peer::OpenVpn => &[("openvpn", "openvpn")],
-            Peer::WireGuardGo => &[("wireguard-go", "wireguard-go"), ("wg", "wireguard-tools")],
+            // The implementations themselves are built (builds.rs).
+            Peer::WireGuardGo | Peer::Boringtun => &[("wg", "wireguard-tools")],
         }
     }
 
@@ -90,6 +100,7 @@ impl Peer {
             Peer::SocatDtls => 1,
             Peer::OpenVpn => 2,
             Peer::WireGuardGo => 3,
+            Peer::Boringtun => 4,
         };
         (Ipv4Addr::new(10, 254, third, 1), Ipv4Addr::new(10, 254, third, 2))
     }
@@ -100,6 +111,7 @@ impl Peer {
             Peer::SocatDtls => 4433,
             Peer::OpenVpn => 1194,
             Peer::WireGuardGo => 51820,
+            Peer::Boringtun => 51821,
         }
     }
 
@@ -111,6 +123,7 @@ impl Peer {
             Peer::SocatDtls => "sd",
             Peer::OpenVpn => "ov",
             Peer::WireGuardGo => "wg",
+            Peer::Boringtun => "bt",
         };
         let suffix = run_id.rsplit('-').next().unwrap_or(run_id);
         format!("{prefix}-{suffix}")
@@ -121,11 +134,20 @@ impl Peer {
 pub struct PeerTunnel {
     /// The node's end of the tunnel: the benchmark's target.
     pub target: Ipv4Addr,
+    /// Which version runs, where that is not simply the Debian package's.
+    pub version: Option<String>,
     // Dropped in this order: the client stops before the server it talks to,
     // and the directory goes once both are gone.
-    _client: Gentle,
-    _server: Gentle,
+    client: Gentle,
+    server: Gentle,
     _made_dir: Option<MadeDir>,
+}
+
+impl PeerTunnel {
+    /// Both ends' processes, whose CPU time the bench counts.
+    pub fn pids(&self) -> [u32; 2] {
+        [self.client.child.id(), self.server.child.id()]
+    }
 }
 
 /// A host directory a peer creates if it is missing (wireguard-go's
@@ -174,6 +196,29 @@ impl std::ops::DerefMut for Gentle {
     }
 }
 
+/// What starting one peer's two ends needs.
+struct Ends<'a> {
+    peer: Peer,
+    cluster: &'a Cluster,
+    /// Its keys, certificates and logs.
+    dir: &'a Path,
+    /// Its TUN device's name on both ends.
+    device: &'a str,
+}
+
+impl Ends<'_> {
+    /// Starts one end (`server` in the node, `client` on the laptop).
+    fn spawn(&self, side: &str, cmd: Command) -> Result<Gentle> {
+        let name = format!("{} {side}", self.peer.name());
+        Background::spawn(&name, cmd, &self.dir.join(format!("{side}.log"))).map(Gentle)
+    }
+
+    /// Whether its TUN device exists in `ns` yet.
+    fn device_in(&self, ns: &Netns) -> bool {
+        ns.netlink().is_ok_and(|n| n.has_link(self.device))
+    }
+}
+
 /// Starts `peer` between the cluster's laptop and node and waits until a
 /// ping crosses it.
 pub fn start(peer: Peer, cluster: &Cluster) -> Result<PeerTunnel> {
@@ -182,86 +227,22 @@ pub fn start(peer: Peer, cluster: &Cluster) -> Result<PeerTunnel> {
     }
     let dir = cluster.dir.join(peer.name());
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let spawn = |side: &str, cmd: Command| {
-        Background::spawn(
-            &format!("{} {side}", peer.name()),
-            cmd,
-            &dir.join(format!("{side}.log")),
-        )
-        .map(Gentle)
-    };
-    let made_dir = (peer == Peer::WireGuardGo).then(|| MadeDir::watch(Path::new("/run/wireguard")));
+    let wireguard = matches!(peer, Peer::WireGuardGo | Peer::Boringtun);
+    let made_dir = wireguard.then(|| MadeDir::watch(Path::new("/run/wireguard")));
+    let mut version = None;
     let (laptop_ip, node_ip) = peer.addresses();
     let device = peer.device(&cluster.id);
-    let device_in = |ns: &Netns| ns.netlink().is_ok_and(|n| n.has_link(&device));
+    let ends = Ends {
+        peer,
+        cluster,
+        dir: &dir,
+        device: &device,
+    };
     let (mut server, mut client) = match peer {
-        Peer::SocatDtls | Peer::OpenVpn => {
-            let certs = Certificates::create(&dir)?;
-            let (server_cmd, client_cmd) = if peer == Peer::SocatDtls {
-                socat_commands(peer, &device, cluster, &certs)
-            } else {
-                openvpn_commands(peer, &device, cluster, &certs)
-            };
-            let mut server = spawn("server", server_cmd)?;
-            // Both make their TUN only once a client is there; until then they listen.
-            wait_until(&format!("UDP port {} open", peer.port()), &mut [&mut server], || {
-                udp_port_open(&cluster.node, peer.port())
-            })?;
-            let mut client = spawn("client", client_cmd)?;
-            if peer == Peer::SocatDtls {
-                let what = format!("{} on both ends", &device);
-                wait_until(&what, &mut [&mut server, &mut client], || {
-                    device_in(&cluster.node) && device_in(&cluster.laptop.ns)
-                })?;
-                // socat's TUN address has no MTU option.
-                for ns in [&cluster.node, &cluster.laptop.ns] {
-                    ns.netlink()?.set_mtu(&device, PEER_MTU)?;
-                }
-            } else {
-                client.wait_for_log("Initialization Sequence Completed", WAIT)?;
-            }
-            (server, client)
-        }
-        Peer::WireGuardGo => {
-            let node_key = wireguard_key(&dir, "node")?;
-            let laptop_key = wireguard_key(&dir, "laptop")?;
-            // Foreground, so that dropping the Background stops it.
-            let mut server = spawn("server", {
-                let mut c = cluster.node.cmd("wireguard-go");
-                c.args(["-f", &device]);
-                c
-            })?;
-            wait_until(&format!("{} on the node", &device), &mut [&mut server], || {
-                device_in(&cluster.node)
-            })?;
-            let mut client = spawn("client", {
-                let mut c = cluster.laptop.cmd("wireguard-go");
-                c.args(["-f", &device]);
-                c
-            })?;
-            wait_until(&format!("{} on the laptop", &device), &mut [&mut client], || {
-                device_in(&cluster.laptop.ns)
-            })?;
-            let port = peer.port().to_string();
-            let mut wg = cluster.node.cmd("wg");
-            wg.args(["set", &device, "listen-port", &port, "private-key"])
-                .arg(&node_key.private)
-                .args(["peer", &laptop_key.public, "allowed-ips", &format!("{laptop_ip}/32")]);
-            exec::run(wg, Duration::from_secs(5))?;
-            // The laptop's `wg` must run in its mount namespace, where
-            // wireguard-go put its control socket.
-            let mut wg = cluster.laptop.cmd("wg");
-            wg.args(["set", &device, "private-key"])
-                .arg(&laptop_key.private)
-                .args(["peer", &node_key.public, "allowed-ips", &format!("{node_ip}/32")])
-                .args(["endpoint", &format!("{}:{port}", cluster.node_ip)]);
-            exec::run(wg, Duration::from_secs(5))?;
-            for (ns, ip) in [(&cluster.node, node_ip), (&cluster.laptop.ns, laptop_ip)] {
-                let netlink = ns.netlink()?;
-                netlink.add_address(&device, ipnet::IpNet::new(ip.into(), 30)?)?;
-                netlink.set_mtu(&device, PEER_MTU)?;
-                netlink.set_up(&device)?;
-            }
+        Peer::SocatDtls | Peer::OpenVpn => tls::start(&ends)?,
+        Peer::WireGuardGo | Peer::Boringtun => {
+            let (server, client, built) = wireguard::start(&ends)?;
+            version = Some(built);
             (server, client)
         }
     };
@@ -276,8 +257,9 @@ pub fn start(peer: Peer, cluster: &Cluster) -> Result<PeerTunnel> {
     )?;
     Ok(PeerTunnel {
         target: node_ip,
-        _client: client,
-        _server: server,
+        version,
+        client,
+        server,
         _made_dir: made_dir,
     })
 }
@@ -285,86 +267,6 @@ pub fn start(peer: Peer, cluster: &Cluster) -> Result<PeerTunnel> {
 fn udp_port_open(ns: &Netns, port: u16) -> bool {
     ns.run("ss", &["-Hlun", &format!("sport = :{port}")])
         .is_ok_and(|out| !out.trim().is_empty())
-}
-
-/// A WireGuard key pair: the private key's file and the public key.
-struct WireGuardKey {
-    private: std::path::PathBuf,
-    public: String,
-}
-
-fn wireguard_key(dir: &Path, name: &str) -> Result<WireGuardKey> {
-    let private = dir.join(format!("{name}.wgkey"));
-    let mut c = Command::new("sh");
-    c.args(["-c", "umask 077 && wg genkey > \"$1\" && wg pubkey < \"$1\"", "sh"])
-        .arg(&private);
-    let public = exec::run(c, Duration::from_secs(5)).context("cannot make a WireGuard key with wg")?;
-    Ok(WireGuardKey {
-        private,
-        public: public.trim().to_owned(),
-    })
-}
-
-fn socat_commands(peer: Peer, device: &str, cluster: &Cluster, certs: &Certificates) -> (Command, Command) {
-    let (laptop_ip, node_ip) = peer.addresses();
-    let tun = |ip: Ipv4Addr| format!("TUN:{ip}/30,tun-name={device},tun-type=tun,iff-no-pi,iff-up");
-    let mut server = cluster.node.cmd("socat");
-    server.args(["-b", "65536"]).arg(format!(
-        "OPENSSL-DTLS-SERVER:{},cert={},key={},cafile={},verify=1",
-        peer.port(),
-        certs.node_crt,
-        certs.node_key,
-        certs.laptop_crt
-    ));
-    server.arg(tun(node_ip));
-    let mut client = cluster.laptop.cmd("socat");
-    client.args(["-b", "65536"]).arg(format!(
-        "OPENSSL-DTLS-CLIENT:{}:{},cert={},key={},cafile={},verify=1,commonname=node",
-        cluster.node_ip,
-        peer.port(),
-        certs.laptop_crt,
-        certs.laptop_key,
-        certs.node_crt
-    ));
-    client.arg(tun(laptop_ip));
-    (server, client)
-}
-
-fn openvpn_commands(peer: Peer, device: &str, cluster: &Cluster, certs: &Certificates) -> (Command, Command) {
-    let (laptop_ip, node_ip) = peer.addresses();
-    let common = |c: &mut Command, local: Ipv4Addr, remote: Ipv4Addr| {
-        c.args(["--dev", device, "--dev-type", "tun", "--proto", "udp"])
-            .args(["--ifconfig", &local.to_string(), &remote.to_string()])
-            .args(["--tun-mtu", &PEER_MTU.to_string()])
-            .args(["--data-ciphers", "AES-256-GCM", "--disable-dco", "--dh", "none"])
-            .args(["--verb", "3"]);
-    };
-    let mut server = cluster.node.cmd("openvpn");
-    common(&mut server, node_ip, laptop_ip);
-    server
-        .args(["--tls-server", "--lport", &peer.port().to_string()])
-        .args([
-            "--ca",
-            &certs.laptop_crt,
-            "--cert",
-            &certs.node_crt,
-            "--key",
-            &certs.node_key,
-        ]);
-    let mut client = cluster.laptop.cmd("openvpn");
-    common(&mut client, laptop_ip, node_ip);
-    client
-        .args(["--tls-client", "--nobind", "--remote", &cluster.node_ip.to_string()])
-        .args(["--rport", &peer.port().to_string()])
-        .args([
-            "--ca",
-            &certs.node_crt,
-            "--cert",
-            &certs.laptop_crt,
-            "--key",
-            &certs.laptop_key,
-        ]);
-    (server, client)
 }
 
 /// How long each step of starting a peer may take.
@@ -398,37 +300,6 @@ fn wait_until(what: &str, procs: &mut [&mut Background], mut done: impl FnMut() 
     }
 }
 
-/// Self-signed certificates for both ends, each pinned by the other.
-struct Certificates {
-    laptop_crt: String,
-    laptop_key: String,
-    node_crt: String,
-    node_key: String,
-}
-
-impl Certificates {
-    /// Self-signed certificates for laptop and node, written as PEM to `dir`.
-    fn create(dir: &Path) -> Result<Certificates> {
-        let make = |name: &str| -> Result<(String, String)> {
-            let issued = crate::pki::issue(name, None, true, None)?;
-            let crt = dir.join(format!("{name}.crt"));
-            let key = dir.join(format!("{name}.key"));
-            std::fs::write(&crt, issued.cert.to_pem()?).with_context(|| format!("cannot write {}", crt.display()))?;
-            std::fs::write(&key, issued.key.private_key_to_pem_pkcs8()?)
-                .with_context(|| format!("cannot write {}", key.display()))?;
-            Ok((crt.display().to_string(), key.display().to_string()))
-        };
-        let (laptop_crt, laptop_key) = make("laptop")?;
-        let (node_crt, node_key) = make("node")?;
-        Ok(Certificates {
-            laptop_crt,
-            laptop_key,
-            node_crt,
-            node_key,
-        })
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -439,7 +310,7 @@ mod tests {
             assert_eq!(Peer::parse(p.name()).unwrap(), p);
         }
         let e = Peer::parse("wireguard").unwrap_err().to_string();
-        assert!(e.contains("socat-dtls, openvpn, wireguard-go"), "{e}");
+        assert!(e.contains("socat-dtls, openvpn, wireguard-go, boringtun"), "{e}");
     }
 
     #[test]
