@@ -55,8 +55,10 @@ impl SeqPacket {
     /// Wraps an accepted or connected socket and makes it non-blocking with big buffers.
     pub fn new(sock: Socket) -> io::Result<Self> {
         sock.set_nonblocking(true)?;
-        let _ = sock.set_send_buffer_size(4 << 20);
-        let _ = sock.set_recv_buffer_size(4 << 20);
+        // A sender may queue only its send buffer's worth: the host's
+        // default (~200 KiB) is three 64 KiB frames, and the two ends would
+        // wake each other for every few.
+        sys::size_buffers(sock.as_raw_fd(), 8 << 20);
         Ok(SeqPacket {
             sock,
             peer_takes: Capabilities::default(),

@@ -270,6 +270,35 @@ fn set_segment_size(h: &mut libc::msghdr, control: &mut CmsgBuf, size: usize) {
     }
 }
 
+/// Sets an integer socket option.
+pub fn set_int_option(fd: RawFd, level: libc::c_int, opt: libc::c_int, value: libc::c_int) -> io::Result<()> {
+    // SAFETY: setsockopt with a live c_int of the stated size.
+    cvt(unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            opt,
+            (&value as *const libc::c_int).cast(),
+            mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    })
+    .map(|_| ())
+}
+
+/// Gives a socket `bytes` of send and receive buffer: as asked where the
+/// host's limits allow, past them where we may (`CAP_NET_ADMIN`), else as
+/// much as the limits allow. A burst of 64 KiB frames or GSO trains needs it.
+pub fn size_buffers(fd: RawFd, bytes: libc::c_int) {
+    for (forced, plain) in [
+        (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF),
+        (libc::SO_RCVBUFFORCE, libc::SO_RCVBUF),
+    ] {
+        if set_int_option(fd, libc::SOL_SOCKET, forced, bytes).is_err() {
+            let _ = set_int_option(fd, libc::SOL_SOCKET, plain, bytes);
+        }
+    }
+}
+
 /// How many descriptors [`wait`] watches at most.
 pub const MAX_WAIT_FDS: usize = 4;
 

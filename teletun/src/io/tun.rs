@@ -61,7 +61,7 @@ impl Tun {
     /// The most segments one offloaded read may hold: the batch must have
     /// this many free slots before a read. Set on the interface with
     /// [`crate::netconf::netlink::Netlink::set_gso_max_segments`].
-    pub const MAX_GSO_SEGMENTS: usize = BATCH_SIZE / 2;
+    pub const MAX_GSO_SEGMENTS: usize = BATCH_SIZE;
 
     /// Whether the kernel hands over TSO packets (and expects virtio headers).
     pub fn offload(&self) -> bool {

@@ -24,23 +24,7 @@ pub struct Udp {
     pub gso_fallbacks: AtomicU64,
 }
 
-fn set_int(fd: RawFd, level: libc::c_int, opt: libc::c_int, value: libc::c_int) -> io::Result<()> {
-    // SAFETY: setsockopt with a live c_int of the stated size.
-    let r = unsafe {
-        libc::setsockopt(
-            fd,
-            level,
-            opt,
-            (&value as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if r < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
-}
+use super::sys::set_int_option as set_int;
 
 /// Whether this kernel segments UDP sends (`UDP_SEGMENT`), tried on a
 /// throwaway socket so our own keeps no socket-wide segment size.
@@ -69,13 +53,8 @@ impl Udp {
             s.set_only_v6(false).ok();
         }
         s.set_reuse_address(true)?;
-        let _ = s.set_recv_buffer_size(4 << 20);
-        let _ = s.set_send_buffer_size(4 << 20);
         let fd = s.as_raw_fd();
-        // Root may exceed net.core.{r,w}mem_max; a burst of GSO trains needs it.
-        for opt in [libc::SO_RCVBUFFORCE, libc::SO_SNDBUFFORCE] {
-            let _ = set_int(fd, libc::SOL_SOCKET, opt, 4 << 20);
-        }
+        sys::size_buffers(fd, 4 << 20);
         let (level, opt, val) = if bind.is_ipv6() {
             (libc::IPPROTO_IPV6, libc::IPV6_MTU_DISCOVER, libc::IPV6_PMTUDISC_DO)
         } else {

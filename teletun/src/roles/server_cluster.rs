@@ -323,8 +323,11 @@ pub async fn run(config: ServerClusterConfig) -> Result<()> {
     };
     let tun = Arc::new(Tun::create("teletun%d", mtu)?);
     if tun.offload() {
+        // Frames go to server-external whole; it splits up to this many
+        // segments at once. Larger GSO packets (forwarded from a pod whose
+        // device allows more) the kernel segments first.
         netlink
-            .set_gso_max_segments(tun.index()?, Tun::MAX_GSO_SEGMENTS as u32)
+            .set_gso_max_segments(tun.index()?, crate::io::offload::MAX_SEGMENTS as u32)
             .await?;
     }
     let takeover = Takeover {
