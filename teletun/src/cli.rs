@@ -124,6 +124,12 @@ pub struct ServerClusterArgs {
     /// TUN MTU [default: the pod interface's MTU minus tunnel overhead].
     #[arg(long, value_name = "BYTES", value_parser = clap::value_parser!(u16).range(1280..))]
     pub mtu: Option<u16>,
+    /// Where server-cluster records its takeover, so that one restarted in
+    /// the same pod can undo what a killed one left: a directory of this pod's
+    /// own that outlives container restarts (an emptyDir), not the one shared
+    /// with server-external.
+    #[arg(long, value_name = "DIR", default_value = "/var/lib/teletun")]
+    pub state_dir: PathBuf,
 }
 
 /// `teletun keygen`.

@@ -120,6 +120,7 @@ fn run(cli: Cli) -> Result<()> {
             resolv_conf: a.resolv_conf,
             mtu: a.mtu,
             transport: Transport::default(),
+            state_dir: a.state_dir,
         })),
     }
 }

@@ -101,6 +101,8 @@ pub struct Sample {
     pub up_parallel: f64,
     /// [`STREAMS`] streams, cluster → laptop.
     pub down_parallel: f64,
+    /// The median ping round trip of the run, ms.
+    pub rtt_ms: f64,
 }
 
 /// A measure's name (as in the chart) and how to read it from a sample.
@@ -126,7 +128,7 @@ pub struct PathResult {
     pub version: Option<String>,
     /// The medians of the samples.
     pub median: Sample,
-    /// Round-trip time, ms.
+    /// Round-trip time, ms: the median of the runs' medians.
     pub rtt_ms: f64,
     /// User + system CPU seconds of the tunnel's processes (both ends) per
     /// 10⁹ bytes received, over every iperf3 test; none for the raw path,
@@ -317,6 +319,7 @@ fn measure(cluster: &mut Cluster, opts: &BenchOptions) -> Result<BenchReport> {
                 down: test(true, 1)?,
                 up_parallel: test(false, STREAMS)?,
                 down_parallel: test(true, STREAMS)?,
+                rtt_ms: ping_ms(cluster, &path.target)?,
             };
             path.result.samples.push(sample);
         }
@@ -329,9 +332,10 @@ fn measure(cluster: &mut Cluster, opts: &BenchOptions) -> Result<BenchReport> {
             down: median_of(|s| s.down),
             up_parallel: median_of(|s| s.up_parallel),
             down_parallel: median_of(|s| s.down_parallel),
+            rtt_ms: median_of(|s| s.rtt_ms),
         };
         r.cpu_seconds_per_gb = (!path.pids.is_empty() && bytes > 0.0).then(|| cpu / (bytes / 1e9));
-        r.rtt_ms = ping_ms(cluster, &path.target)?;
+        r.rtt_ms = r.median.rtt_ms;
     }
     drop(tunnels);
     let client_peak_rss_kib = peak_rss_kib(client.child.id());
@@ -405,6 +409,7 @@ mod tests {
                 down,
                 up_parallel: up * 2.0,
                 down_parallel: down * 2.0,
+                rtt_ms: rtt,
             },
             rtt_ms: rtt,
             cpu_seconds_per_gb: Some(1.5),

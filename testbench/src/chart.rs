@@ -148,6 +148,7 @@ mod tests {
             down: up,
             up_parallel: up,
             down_parallel: up,
+            rtt_ms: 0.5,
         };
         PathResult {
             path: name.into(),

@@ -9,4 +9,5 @@ pub mod netlink;
 pub mod overlap;
 pub mod record;
 pub mod resolved;
-pub mod sysctl;
+pub mod routes;
+pub mod takeover;

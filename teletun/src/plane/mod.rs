@@ -16,6 +16,7 @@ mod relay;
 mod tunnel;
 
 use std::io;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread;
@@ -26,6 +27,7 @@ pub use self::tunnel::FrameSplitter;
 use crate::io::sys::StopSignal;
 use crate::io::udp::{PeerAddress, Udp};
 use crate::io::{FrameSink, FrameSource, PacketSource};
+use crate::proto::packet;
 use crate::tunnel::{Session, TunnelError};
 
 /// Counters for one direction of a data plane.
@@ -43,6 +45,9 @@ pub struct DirectionStats {
     pub refused: AtomicU64,
     /// Packets that travelled inside a super-packet begun by an earlier one.
     pub coalesced: AtomicU64,
+    /// Packets dropped for an address the peer may not use (a source other
+    /// than the pod's, a destination other than the tunnel's).
+    pub spoofed: AtomicU64,
 }
 
 impl DirectionStats {
@@ -53,11 +58,12 @@ impl DirectionStats {
     /// One line for logs.
     pub fn summary(&self) -> String {
         format!(
-            "{} packets, {} bytes, {} malformed, {} refused, {} coalesced",
+            "{} packets, {} bytes, {} malformed, {} refused, {} spoofed, {} coalesced",
             self.packets.load(Ordering::Relaxed),
             self.bytes.load(Ordering::Relaxed),
             self.malformed.load(Ordering::Relaxed),
             self.refused.load(Ordering::Relaxed),
+            self.spoofed.load(Ordering::Relaxed),
             self.coalesced.load(Ordering::Relaxed)
         )
     }
@@ -92,6 +98,29 @@ pub struct DataPlane {
     pub inbound: Arc<DirectionStats>,
     /// Where the peer is now (it may roam).
     pub peer: Arc<PeerAddress>,
+}
+
+/// Which addresses packets from the peer may carry: anti-spoofing.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum Accept {
+    /// Any (server-external: server-cluster checks).
+    #[default]
+    Any,
+    /// Only packets to these (the client: its tunnel's addresses).
+    To(Vec<IpAddr>),
+    /// Only packets from these (server-cluster: the pod's addresses).
+    From(Vec<IpAddr>),
+}
+
+impl Accept {
+    /// Whether a packet with these addresses may pass.
+    pub fn allows(&self, info: &packet::PacketInfo) -> bool {
+        match self {
+            Accept::Any => true,
+            Accept::To(addresses) => addresses.contains(&info.destination),
+            Accept::From(addresses) => addresses.contains(&info.source),
+        }
+    }
 }
 
 /// The names of a data plane's two directions, for logs and reports.
@@ -155,7 +184,14 @@ impl DataPlane {
     /// Runs an established session: `source` → seal → `udp` to the peer, and
     /// `udp` → open → check → coalesce → `sink`. On stop, the outbound
     /// direction tells the peer the session is over.
-    pub fn tunnel<S, K>(names: Names, session: Session, udp: Arc<Udp>, source: S, sink: K) -> io::Result<Self>
+    pub fn tunnel<S, K>(
+        names: Names,
+        session: Session,
+        udp: Arc<Udp>,
+        source: S,
+        sink: K,
+        accept: Accept,
+    ) -> io::Result<Self>
     where
         S: PacketSource + 'static,
         K: FrameSink + 'static,
@@ -169,15 +205,16 @@ impl DataPlane {
         })?;
         let stats = plane.inbound.clone();
         plane.spawn(names.inbound, &exits, move |stop| {
-            tunnel::run_inbound(&udp, inbound, sink, &peer, &stats, stop)
+            tunnel::run_inbound(&udp, inbound, sink, &accept, &peer, &stats, stop)
         })?;
         Ok(plane)
     }
 
     /// Relays frames both ways: `local` → `remote` as they are, and
-    /// `remote` → `local` after checking each (server-cluster: its TUN and
-    /// the AF_UNIX link to server-external).
-    pub fn relay<A, B, C, D>(names: Names, local: (A, B), remote: (C, D)) -> io::Result<Self>
+    /// `remote` → `local` after checking each and its addresses against
+    /// `accept` (server-cluster: its TUN and the AF_UNIX link to
+    /// server-external).
+    pub fn relay<A, B, C, D>(names: Names, local: (A, B), remote: (C, D), accept: Accept) -> io::Result<Self>
     where
         A: FrameSource + 'static,
         B: FrameSink + 'static,
@@ -188,11 +225,11 @@ impl DataPlane {
         let ((local_in, local_out), (remote_in, remote_out)) = (local, remote);
         let stats = plane.outbound.clone();
         plane.spawn(names.outbound, &exits, move |stop| {
-            relay::run_relay(local_in, remote_out, false, &stats, stop)
+            relay::run_relay(local_in, remote_out, None, &stats, stop)
         })?;
         let stats = plane.inbound.clone();
         plane.spawn(names.inbound, &exits, move |stop| {
-            relay::run_relay(remote_in, local_out, true, &stats, stop)
+            relay::run_relay(remote_in, local_out, Some(&accept), &stats, stop)
         })?;
         Ok(plane)
     }

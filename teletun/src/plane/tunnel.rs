@@ -2,7 +2,7 @@
 
 use std::io;
 
-use super::{to_io, DirectionStats};
+use super::{to_io, Accept, DirectionStats};
 use crate::io::batch::{PacketBatch, PacketRefs, BATCH_SIZE, BUFFER_SIZE, MAX_SEGMENTS};
 use crate::io::offload::{split_frame, Coalescer, SplitError};
 use crate::io::sys::{self, StopSignal};
@@ -78,6 +78,7 @@ pub(super) fn run_inbound<K: FrameSink>(
     udp: &Udp,
     mut inbound: Box<dyn Inbound>,
     mut sink: K,
+    accept: &Accept,
     peer: &PeerAddress,
     stats: &DirectionStats,
     stop: &StopSignal,
@@ -115,9 +116,16 @@ pub(super) fn run_inbound<K: FrameSink>(
             }
             let merged_before = coalescer.stats.merged;
             for p in packets.packets(&batch) {
-                if packet::inspect(p).is_err() {
-                    DirectionStats::add(&stats.malformed, 1);
-                    continue;
+                match packet::inspect(p) {
+                    Err(_) => {
+                        DirectionStats::add(&stats.malformed, 1);
+                        continue;
+                    }
+                    Ok(info) if !accept.allows(&info) => {
+                        DirectionStats::add(&stats.spoofed, 1);
+                        continue;
+                    }
+                    Ok(_) => {}
                 }
                 while !coalescer.push(p, &mut frames) {
                     flush(&mut coalescer, &mut frames, &mut sink, stats)?;

@@ -20,10 +20,10 @@ use crate::keys::{Identity, PinnedKey};
 use crate::kube::{discovery, networks, Kube, KubeOptions};
 use crate::netconf::dns::DnsManager;
 use crate::netconf::forwarder::{self, Forwarder, Sources};
-use crate::netconf::netlink::{Netlink, Route};
-use crate::netconf::overlap;
+use crate::netconf::netlink::Netlink;
 use crate::netconf::record::Record;
-use crate::plane::{self, DataPlane, Names};
+use crate::netconf::routes::RouteKeeper;
+use crate::plane::{self, Accept, DataPlane, Names};
 use crate::proto::control::{Hello, ServerGreeting};
 use crate::proto::dns::SplitDomains;
 use crate::proto::resolv_conf::{self, ResolvConf};
@@ -156,7 +156,7 @@ pub async fn run(mut config: ClientConfig) -> Result<()> {
     if config.server.ip().is_unspecified() {
         bail!("no server to connect to: pass -pod=NAME (with a kubeconfig) or --server-address ADDR");
     }
-    let keeper = RouteKeeper::new(&config, cluster.as_ref())?;
+    let keeper = route_keeper(&config, cluster.as_ref())?;
     let mut signals = Signals::new()?;
     let mut changes = Changes {
         guard: Some(Guard::start()?),
@@ -352,7 +352,8 @@ async fn establish(
     };
     info!("connected to {}: {hello}", config.server);
     // The server's answer first (it may be busy), then whether our routes would collide.
-    if let Err(e) = keeper.check_conflicts(cluster).await {
+    let networks = cluster.map(|c| c.networks.borrow().clone()).unwrap_or_default();
+    if let Err(e) = keeper.check_conflicts(&networks).await {
         // Leave politely so the server frees its slot at once.
         let _ = tokio::time::timeout(Duration::from_secs(1), tokio::io::AsyncWriteExt::shutdown(&mut control)).await;
         return Err(e);
@@ -431,6 +432,9 @@ async fn establish(
         udp,
         tun.clone(),
         tun.clone(),
+        // The server may send only to the pod's addresses, never to this
+        // machine's LAN or other interfaces through the tunnel.
+        Accept::To(hello.addresses.clone()),
     )?;
     info!(
         "tunnel {} is up, with its addresses, routes and DNS, {} ms after start",
@@ -513,131 +517,16 @@ async fn register_dns(hello: &Hello, tun: &Tun, changes: &mut Changes) -> Result
     Ok(())
 }
 
-/// The tunnel's routes: the `--route` networks plus the cluster's networks as
-/// the API shows them, never one that covers the API server or the tunnel's
-/// own endpoint, and none that overlaps an existing route unless allowed.
-struct RouteKeeper {
-    netlink: Netlink,
-    index: u32,
-    with_v6: bool,
-    fixed: BTreeSet<IpNet>,
-    never: Vec<IpAddr>,
-    allow_conflicting: bool,
-    installed: BTreeSet<IpNet>,
-    warned: BTreeSet<IpNet>,
-}
-
-impl RouteKeeper {
-    fn new(config: &ClientConfig, cluster: Option<&ClusterView>) -> Result<RouteKeeper> {
-        let mut never = vec![config.server.ip()];
-        if let Some(c) = cluster {
-            never.extend(c.kube.api_addresses.iter().copied());
-        }
-        for route in &config.routes {
-            if let Some(ip) = never.iter().find(|ip| route.contains(*ip)) {
-                bail!("route {route} contains {ip}, which must stay outside the tunnel (the tunnel endpoint or the Kubernetes API)");
-            }
-        }
-        if config.routes.is_empty() && cluster.is_none() {
-            warn!("no routes: pass --route CIDR, or -pod with a kubeconfig, to reach the cluster");
-        }
-        Ok(RouteKeeper {
-            netlink: Netlink::connect()?,
-            index: 0,
-            with_v6: false,
-            fixed: config.routes.iter().copied().collect(),
-            never,
-            allow_conflicting: config.allow_conflicting,
-            installed: BTreeSet::new(),
-            warned: BTreeSet::new(),
-        })
+/// The keeper of the tunnel's routes: the `--route` networks plus the
+/// cluster's networks as the API shows them, never one that covers the API
+/// server or the tunnel's own endpoint.
+fn route_keeper(config: &ClientConfig, cluster: Option<&ClusterView>) -> Result<RouteKeeper> {
+    let mut never = vec![config.server.ip()];
+    if let Some(c) = cluster {
+        never.extend(c.kube.api_addresses.iter().copied());
     }
-
-    /// Refuses, before anything changes, networks that overlap existing routes.
-    async fn check_conflicts(&self, cluster: Option<&ClusterView>) -> Result<()> {
-        if self.allow_conflicting {
-            return Ok(());
-        }
-        let mut wanted = self.fixed.clone();
-        if let Some(c) = cluster {
-            wanted.extend(c.networks.borrow().iter().copied());
-        }
-        let wanted: Vec<IpNet> = wanted
-            .into_iter()
-            .filter(|n| self.outside_reason(n).is_none())
-            .collect();
-        let existing = self.existing_routes().await?;
-        if let Some((net, route)) = overlap::conflicts(&existing, &wanted, None).first() {
-            bail!(
-                "the cluster network {net} overlaps this machine's route {} (another VPN or the LAN?): \
-                 refusing to route it; pass --allow-conflicting to route it anyway",
-                overlap::describe(route)
-            );
-        }
-        Ok(())
+    if config.routes.is_empty() && cluster.is_none() {
+        warn!("no routes: pass --route CIDR, or -pod with a kubeconfig, to reach the cluster");
     }
-
-    async fn existing_routes(&self) -> Result<Vec<Route>> {
-        let mut all = self.netlink.routes(false).await?;
-        all.extend(self.netlink.routes(true).await?);
-        Ok(all)
-    }
-
-    /// Why `net` must not go into the tunnel, if it must not.
-    fn outside_reason(&self, net: &IpNet) -> Option<String> {
-        self.never
-            .iter()
-            .find(|ip| net.contains(*ip))
-            .map(|ip| format!("it contains {ip}, the tunnel endpoint or the Kubernetes API"))
-    }
-
-    fn attach(&mut self, index: u32, with_v6: bool) {
-        self.index = index;
-        self.with_v6 = with_v6;
-    }
-
-    /// Makes the tunnel's routes the fixed ones plus `cluster`.
-    async fn sync(&mut self, cluster: &BTreeSet<IpNet>) -> Result<()> {
-        let mut want = BTreeSet::new();
-        for net in self.fixed.iter().chain(cluster) {
-            let reason = match self.outside_reason(net) {
-                Some(r) => Some(r),
-                None if net.addr().is_ipv6() && !self.with_v6 => Some("the pod has no IPv6 address".into()),
-                None => None,
-            };
-            match reason {
-                Some(why) if self.warned.insert(*net) => warn!("not routing {net}: {why}"),
-                Some(_) => {}
-                None => {
-                    want.insert(*net);
-                }
-            }
-        }
-        let mut new: Vec<IpNet> = want.difference(&self.installed).copied().collect();
-        if !self.allow_conflicting && !new.is_empty() {
-            let existing = self.existing_routes().await?;
-            let conflicts = overlap::conflicts(&existing, &new, Some(self.index));
-            for (net, route) in &conflicts {
-                if self.warned.insert(*net) {
-                    warn!(
-                        "not routing {net}: it overlaps {} (another VPN or the LAN); --allow-conflicting routes it anyway",
-                        overlap::describe(route)
-                    );
-                }
-            }
-            new.retain(|n| !conflicts.iter().any(|(c, _)| c == n));
-        }
-        for net in new {
-            self.netlink.add_route(net, self.index).await?;
-            self.installed.insert(net);
-            info!("routing {net} into the tunnel");
-        }
-        let gone: Vec<IpNet> = self.installed.difference(&want).copied().collect();
-        for net in gone {
-            self.netlink.del_route(net, self.index).await?;
-            self.installed.remove(&net);
-            info!("no longer routing {net}");
-        }
-        Ok(())
-    }
+    RouteKeeper::new(&config.routes, never, config.allow_conflicting)
 }

@@ -3,16 +3,13 @@
 //! the client; nothing is answered locally), and relays packets to and from
 //! server-external over the AF_UNIX socket.
 //!
-//! Takeover, per address family (see docs/architecture.md):
-//! - policy rule `pref 100: lookup local` replaces the default `pref 0` one, and
-//!   `pref 50: iif <pod-if> to <pod-ip> lookup 4242` sits before it, where table
-//!   4242 routes everything to the TUN: packets for the pod IP arriving from the
-//!   cluster are forwarded to the client instead of being delivered locally;
-//! - the addresses stay on the pod interface, so ARP/NDP keep working;
-//! - the TUN accepts packets with the pod IP as source (`accept_local`), and
-//!   forwarding sends them out of the pod interface.
+//! The takeover's steps are planned in `netconf::takeover` (IPv4: a policy
+//! rule before the `local` table steers the pod IP to the TUN, proxy ARP
+//! answers for it; IPv6: the address moves to the TUN, proxy NDP answers;
+//! docs/architecture.md) and taken here, each written down first.
 
 use std::net::IpAddr;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,17 +22,13 @@ use tracing::{info, warn};
 use crate::io::seqpacket::{self, SeqPacket};
 use crate::io::tun::Tun;
 use crate::netconf::netlink::{Netlink, TABLE_LOCAL};
-use crate::netconf::sysctl;
-use crate::plane::{DataPlane, Names};
+use crate::netconf::takeover::{
+    self, current_netns, undo, Done, Record, Step, Sysctl, Undo, LOCAL_PRIORITY, PREFIX_ROUTE_METRIC,
+    TAKEOVER_PRIORITY, TAKEOVER_TABLE,
+};
+use crate::plane::{Accept, DataPlane, Names};
 use crate::proto::control::Hello;
 use crate::proto::link::LinkParams;
-
-/// Routing table that sends everything to the TUN.
-pub const TAKEOVER_TABLE: u32 = 4242;
-/// Priority of the rule that steers pod-IP traffic into [`TAKEOVER_TABLE`].
-pub const TAKEOVER_PRIORITY: u32 = 50;
-/// Priority the `local` table rule moves to.
-pub const LOCAL_PRIORITY: u32 = 100;
 
 /// Everything `teletun server-cluster` needs.
 pub struct ServerClusterConfig {
@@ -49,136 +42,105 @@ pub struct ServerClusterConfig {
     pub mtu: Option<u16>,
     /// The data plane's transport (for its overhead).
     pub transport: crate::tunnel::Transport,
+    /// Where the takeover record lives: a directory of this pod's own that
+    /// outlives container restarts (an emptyDir), not shared with server-external.
+    pub state_dir: PathBuf,
 }
 
-/// Metric of the on-link IPv6 prefix route server-cluster adds back after
-/// moving the pod's IPv6 address off its interface.
-const PREFIX_ROUTE_METRIC: u32 = 4242;
-
-/// What a takeover changed, written to disk before each change so that a
-/// server-cluster restarted in the same pod (after a crash) can put the pod back
-/// first. Kept beside the socket: that directory outlives container restarts.
-#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-struct TakeoverState {
-    /// The pod interface's name.
-    interface: String,
-    /// The pod's addresses with prefix lengths.
-    addresses: Vec<(IpAddr, u8)>,
-    /// Kernel parameters changed, with their previous values, in order.
-    sysctls: Vec<(String, String)>,
-}
-
-impl TakeoverState {
-    fn save(&self, path: &Path) -> Result<()> {
-        let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, serde_json::to_vec_pretty(self)?)
-            .with_context(|| format!("cannot write {}", tmp.display()))?;
-        std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
-    }
-}
-
+/// A takeover in progress: what it did, written down before each change.
 struct Takeover {
     netlink: Netlink,
-    state: std::sync::Mutex<TakeoverState>,
-    state_file: PathBuf,
+    record: Record,
+    path: PathBuf,
     interface_index: u32,
     tun_index: u32,
-    tun_name: String,
 }
 
 impl Takeover {
-    /// IPv4 keeps its address (so the kernel keeps using it as its source) and
-    /// steers packets for it to the TUN with a policy rule placed before the
-    /// `local` table.
-    ///
-    /// IPv6 cannot do the same: Neighbor Advertisements are IP packets addressed
-    /// to the pod IP, and the rule would send them to the client. So the IPv6
-    /// address moves off the pod interface, is routed to the TUN, and the pod
-    /// interface answers neighbour solicitations for it by proxy NDP.
-    async fn apply(&self) -> Result<()> {
-        let snapshot = self.snapshot();
-        snapshot.save(&self.state_file)?;
-        let (iface, tun) = (&snapshot.interface, &self.tun_name);
-        self.set("net.ipv4.ip_forward", "1")?;
-        sysctl::set(&format!("net.ipv4.conf.{tun}.accept_local"), "1")?;
-        sysctl::set(&format!("net.ipv4.conf.{tun}.rp_filter"), "0")?;
-        if let Some(&(v4, _)) = snapshot.addresses.iter().find(|(a, _)| a.is_ipv4()) {
-            // ARP looks up the target as a packet arriving on the pod interface
-            // would, so our rule makes the kernel stop answering for the pod IP as
-            // its own; proxy ARP answers instead (the route leads to another device).
-            self.set(&format!("net.ipv4.conf.{iface}.proxy_arp"), "1")?;
-            // Proxy ARP answers after a random wait of up to proxy_delay (0.8 s by
-            // default): a neighbour's first packet to the pod would wait that long.
-            self.set(&format!("net.ipv4.neigh.{iface}.proxy_delay"), "0")?;
-            self.netlink
-                .add_route_in("0.0.0.0/0".parse()?, self.tun_index, TAKEOVER_TABLE)
-                .await?;
-            self.netlink
-                .add_rule(
-                    false,
-                    TAKEOVER_PRIORITY,
-                    TAKEOVER_TABLE,
-                    Some(iface),
-                    Some(IpNet::from(v4)),
-                )
-                .await?;
-            // Move the local table after our rule: add the new one before deleting the old.
-            let rules = self.netlink.rules(false).await?;
-            if !rules
-                .iter()
-                .any(|r| r.table == TABLE_LOCAL && r.priority == LOCAL_PRIORITY)
-            {
-                self.netlink
-                    .add_rule(false, LOCAL_PRIORITY, TABLE_LOCAL, None, None)
-                    .await?;
-            }
-            for r in rules.iter().filter(|r| r.table == TABLE_LOCAL && r.priority == 0) {
-                self.netlink.del_rule(r).await?;
-            }
-        }
-        let v6: Vec<(IpAddr, u8)> = snapshot
-            .addresses
-            .iter()
-            .copied()
-            .filter(|(a, _)| a.is_ipv6())
-            .collect();
-        if !v6.is_empty() {
-            self.set("net.ipv6.conf.all.forwarding", "1")?;
-            self.set(&format!("net.ipv6.conf.{iface}.proxy_ndp"), "1")?;
-        }
-        for (ip, prefix) in v6 {
-            self.netlink.del_address(self.interface_index, ip, prefix).await?;
-            if prefix < 128 {
-                let on_link = IpNet::new(ip, prefix)?.trunc();
-                self.netlink
-                    .add_route_metric(on_link, self.interface_index, PREFIX_ROUTE_METRIC)
-                    .await?;
-            }
-            self.netlink.add_route(IpNet::from(ip), self.tun_index).await?;
-            self.netlink.add_proxy_neighbour(self.interface_index, ip).await?;
+    /// Takes each step of `steps`, recording it (with a parameter's old
+    /// value) before it is taken.
+    async fn apply(&mut self, steps: Vec<Step>) -> Result<()> {
+        for step in steps {
+            let old = match &step {
+                Step::Set { sysctl, .. } => Some(read_sysctl(sysctl)?),
+                _ => None,
+            };
+            self.record.done.push(Done {
+                step: step.clone(),
+                old,
+            });
+            self.record.save(&self.path)?;
+            self.take(&step).await?;
         }
         Ok(())
     }
 
-    fn snapshot(&self) -> TakeoverState {
-        self.state.lock().map(|s| s.clone()).unwrap_or_default()
-    }
-
-    /// Sets a sysctl, recording the old value first.
-    fn set(&self, key: &str, value: &str) -> Result<()> {
-        let old = sysctl::get(key)?;
-        let mut state = self.state.lock().map_err(|_| anyhow!("takeover state lock poisoned"))?;
-        state.sysctls.push((key.to_owned(), old));
-        state.save(&self.state_file)?;
-        drop(state);
-        sysctl::set(key, value)
+    async fn take(&self, step: &Step) -> Result<()> {
+        let (netlink, iface, tun) = (&self.netlink, self.interface_index, self.tun_index);
+        match step {
+            Step::Set { sysctl, value } => write_sysctl(sysctl, &value.to_string()),
+            Step::TunTable => netlink.add_route_in("0.0.0.0/0".parse()?, tun, TAKEOVER_TABLE).await,
+            Step::SteerRule { to } => {
+                netlink
+                    .add_rule(
+                        false,
+                        TAKEOVER_PRIORITY,
+                        TAKEOVER_TABLE,
+                        Some(&self.record.interface),
+                        Some(IpNet::from(IpAddr::V4(*to))),
+                    )
+                    .await
+            }
+            Step::MoveLocalRule => {
+                // The new one first, then the old: never a moment without one.
+                let rules = netlink.rules(false).await?;
+                if !rules
+                    .iter()
+                    .any(|r| r.table == TABLE_LOCAL && r.priority == LOCAL_PRIORITY)
+                {
+                    netlink.add_rule(false, LOCAL_PRIORITY, TABLE_LOCAL, None, None).await?;
+                }
+                for r in rules.iter().filter(|r| r.table == TABLE_LOCAL && r.priority == 0) {
+                    netlink.del_rule(r).await?;
+                }
+                Ok(())
+            }
+            &Step::MoveV6 { ip, prefix } => {
+                let ip = IpAddr::V6(ip);
+                netlink.del_address(iface, ip, prefix).await?;
+                if prefix < 128 {
+                    let on_link = IpNet::new(ip, prefix)?.trunc();
+                    netlink.add_route_metric(on_link, iface, PREFIX_ROUTE_METRIC).await?;
+                }
+                netlink.add_route(IpNet::from(ip), tun).await?;
+                netlink.add_proxy_neighbour(iface, ip).await
+            }
+        }
     }
 
     /// Puts the pod back as it was. Routes via the TUN die with it.
     async fn undo(&self) -> Result<()> {
-        undo_takeover(&self.netlink, &self.snapshot(), self.interface_index).await?;
-        remove_if_present(&self.state_file)
+        undo_record(&self.netlink, &self.record, self.interface_index).await?;
+        remove_if_present(&self.path)
     }
+}
+
+fn read_sysctl(s: &Sysctl) -> Result<String> {
+    let path = s.path();
+    Ok(std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read {}", path.display()))?
+        .trim()
+        .to_owned())
+}
+
+fn write_sysctl(s: &Sysctl, value: &str) -> Result<()> {
+    let path = s.path();
+    std::fs::write(&path, value).with_context(|| {
+        format!(
+            "cannot set {} to {value} (needs CAP_NET_ADMIN in this network namespace)",
+            path.display()
+        )
+    })
 }
 
 fn remove_if_present(path: &Path) -> Result<()> {
@@ -190,65 +152,83 @@ fn remove_if_present(path: &Path) -> Result<()> {
     }
 }
 
-/// Reverses a takeover described by `state` on interface `index`: rules,
-/// the moved IPv6 addresses, proxy entries, the re-added prefix routes, sysctls.
-async fn undo_takeover(netlink: &Netlink, state: &TakeoverState, index: u32) -> Result<()> {
-    for (key, old) in state.sysctls.iter().rev() {
-        if let Err(e) = sysctl::set(key, old) {
-            warn!("{e:#}");
-        }
-    }
-    let rules = netlink.rules(false).await?;
-    if !rules.iter().any(|r| r.table == TABLE_LOCAL && r.priority == 0) {
-        netlink.add_rule(false, 0, TABLE_LOCAL, None, None).await?;
-    }
-    for r in rules.iter().filter(|r| {
-        (r.table == TABLE_LOCAL && r.priority == LOCAL_PRIORITY)
-            || (r.table == TAKEOVER_TABLE && r.priority == TAKEOVER_PRIORITY)
-    }) {
-        netlink.del_rule(r).await?;
-    }
-    let present: Vec<IpAddr> = netlink.addresses(index).await?.into_iter().map(|(a, _)| a).collect();
-    for &(ip, prefix) in state.addresses.iter().filter(|(a, _)| a.is_ipv6()) {
-        let _ = netlink.del_proxy_neighbour(index, ip).await;
-        if !present.contains(&ip) {
-            netlink.add_address(index, ip, prefix).await?;
-        }
-        if prefix < 128 {
-            let on_link = IpNet::new(ip, prefix)?.trunc();
-            let _ = netlink.del_route_metric(on_link, index, PREFIX_ROUTE_METRIC).await;
+/// Reverses what `record` says was done on interface `index`.
+async fn undo_record(netlink: &Netlink, record: &Record, index: u32) -> Result<()> {
+    for u in undo(&record.done) {
+        match u {
+            Undo::Set { sysctl, value } => {
+                if let Err(e) = write_sysctl(&sysctl, &value) {
+                    warn!("{e:#}");
+                }
+            }
+            Undo::DelSteerRule => {
+                let rules = netlink.rules(false).await?;
+                for r in rules
+                    .iter()
+                    .filter(|r| r.table == TAKEOVER_TABLE && r.priority == TAKEOVER_PRIORITY)
+                {
+                    netlink.del_rule(r).await?;
+                }
+            }
+            Undo::RestoreLocalRule => {
+                let rules = netlink.rules(false).await?;
+                if !rules.iter().any(|r| r.table == TABLE_LOCAL && r.priority == 0) {
+                    netlink.add_rule(false, 0, TABLE_LOCAL, None, None).await?;
+                }
+                for r in rules
+                    .iter()
+                    .filter(|r| r.table == TABLE_LOCAL && r.priority == LOCAL_PRIORITY)
+                {
+                    netlink.del_rule(r).await?;
+                }
+            }
+            Undo::RestoreV6 { ip, prefix } => {
+                let ip = IpAddr::V6(ip);
+                let _ = netlink.del_proxy_neighbour(index, ip).await;
+                let present = netlink.addresses(index).await?.iter().any(|(a, _)| *a == ip);
+                if !present {
+                    netlink.add_address(index, ip, prefix).await?;
+                }
+                if prefix < 128 {
+                    let on_link = IpNet::new(ip, prefix)?.trunc();
+                    let _ = netlink.del_route_metric(on_link, index, PREFIX_ROUTE_METRIC).await;
+                }
+            }
         }
     }
     Ok(())
 }
 
-/// The state file for a socket path.
-fn state_file(sockfile: &Path) -> PathBuf {
-    let mut name = sockfile.as_os_str().to_owned();
-    name.push(".takeover.json");
-    PathBuf::from(name)
-}
-
-/// If an earlier server-cluster in this pod died mid-takeover, put the pod back.
+/// If an earlier server-cluster in this pod died mid-takeover, put the pod
+/// back. A record from another network namespace, one that names an
+/// interface that is gone, or one with anything this module never writes,
+/// is logged and discarded, never applied.
 async fn recover_leftovers(netlink: &Netlink, path: &Path) -> Result<()> {
-    let Ok(data) = std::fs::read(path) else {
-        return Ok(());
+    let record = match Record::load(path) {
+        Ok(Some(r)) => r,
+        Ok(None) => return Ok(()),
+        Err(e) => {
+            warn!("discarding {}: {e:#}", path.display());
+            return remove_if_present(path);
+        }
     };
-    let state: TakeoverState = serde_json::from_slice(&data).with_context(|| {
-        format!(
-            "{} is not a takeover record; remove it if no server-cluster runs",
-            path.display()
-        )
-    })?;
-    let index = netlink
-        .link_index(&state.interface)
-        .await?
-        .ok_or_else(|| anyhow!("{} names interface {}, which is gone", path.display(), state.interface))?;
+    if let Err(why) = record.check(current_netns()?) {
+        warn!("discarding the takeover record {}: {why}", path.display());
+        return remove_if_present(path);
+    }
+    let Some(index) = netlink.link_index(&record.interface).await? else {
+        warn!(
+            "discarding the takeover record {}: interface {} is gone",
+            path.display(),
+            record.interface
+        );
+        return remove_if_present(path);
+    };
     warn!(
         "an earlier server-cluster left its takeover of {} in place; undoing it first",
-        state.interface
+        record.interface
     );
-    undo_takeover(netlink, &state, index).await?;
+    undo_record(netlink, &record, index).await?;
     remove_if_present(path)
 }
 
@@ -282,10 +262,12 @@ pub async fn run(config: ServerClusterConfig) -> Result<()> {
     let resolv_conf = std::fs::read_to_string(&config.resolv_conf)
         .with_context(|| format!("cannot read {} (--resolv-conf)", config.resolv_conf.display()))?;
     let netlink = Netlink::connect()?;
-    let state_file = state_file(&config.sockfile);
-    if let Some(dir) = state_file.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).with_context(|| format!("cannot create directory {}", dir.display()))?;
-    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&config.state_dir)
+        .with_context(|| format!("cannot create directory {} (--state-dir)", config.state_dir.display()))?;
+    let state_file = config.state_dir.join("takeover.json");
     recover_leftovers(&netlink, &state_file).await?;
     let (interface, index) = pod_interface(&netlink, config.interface.as_deref()).await?;
     let mut addresses: Vec<(IpAddr, u8)> = netlink
@@ -330,19 +312,30 @@ pub async fn run(config: ServerClusterConfig) -> Result<()> {
             .set_gso_max_segments(tun.index()?, crate::io::offload::MAX_SEGMENTS as u32)
             .await?;
     }
-    let takeover = Takeover {
+    let v4 = addresses.iter().find_map(|(a, _)| match a {
+        IpAddr::V4(v4) => Some(*v4),
+        IpAddr::V6(_) => None,
+    });
+    let v6: Vec<(std::net::Ipv6Addr, u8)> = addresses
+        .iter()
+        .filter_map(|&(a, p)| match a {
+            IpAddr::V6(v6) => Some((v6, p)),
+            IpAddr::V4(_) => None,
+        })
+        .collect();
+    let mut takeover = Takeover {
         netlink,
-        state: std::sync::Mutex::new(TakeoverState {
+        record: Record {
+            netns: current_netns()?,
             interface: interface.clone(),
-            addresses,
-            sysctls: Vec::new(),
-        }),
-        state_file,
+            done: Vec::new(),
+        },
+        path: state_file,
         interface_index: index,
         tun_index: tun.index()?,
-        tun_name: tun.name().to_owned(),
     };
-    let listener = match takeover.apply().await {
+    let steps = takeover::plan(&interface, tun.name(), v4, &v6);
+    let listener = match takeover.apply(steps).await {
         Ok(()) => seqpacket::listen(&config.sockfile),
         Err(e) => Err(e),
     };
@@ -353,7 +346,7 @@ pub async fn run(config: ServerClusterConfig) -> Result<()> {
                 tun.name(),
                 config.sockfile.display()
             );
-            serve(listener, &tun, &greeting).await
+            serve(listener, &tun, &greeting, &hello.addresses).await
         }
         Err(e) => Err(e),
     };
@@ -363,7 +356,7 @@ pub async fn run(config: ServerClusterConfig) -> Result<()> {
     result.and(undo)
 }
 
-async fn serve(listener: socket2::Socket, tun: &Arc<Tun>, greeting: &[u8]) -> Result<()> {
+async fn serve(listener: socket2::Socket, tun: &Arc<Tun>, greeting: &[u8], pod_addresses: &[IpAddr]) -> Result<()> {
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
     listener.set_nonblocking(true)?;
@@ -404,6 +397,8 @@ async fn serve(listener: socket2::Socket, tun: &Arc<Tun>, greeting: &[u8]) -> Re
             },
             (tun.clone(), tun.clone()),
             (link.clone(), link.clone()),
+            // The client may speak only as this pod.
+            Accept::From(pod_addresses.to_vec()),
         )?;
         let stop = tokio::select! {
             exit = plane.ended() => {

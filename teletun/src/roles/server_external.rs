@@ -21,7 +21,7 @@ use crate::io::seqpacket::SeqPacket;
 use crate::io::sys::StopSignal;
 use crate::io::udp::Udp;
 use crate::keys::{Identity, PinnedKey};
-use crate::plane::{self, DataPlane, FrameSplitter, Names};
+use crate::plane::{self, Accept, DataPlane, FrameSplitter, Names};
 use crate::proto::control::{
     encode_refusal, Hello, HelloDecoder, ServerGreeting, MAX_ADDRESSES_LEN, MAX_RESOLV_CONF_LEN,
 };
@@ -317,6 +317,8 @@ async fn serve_session(
         shared.udp.clone(),
         FrameSplitter::new(cluster.clone()),
         cluster.clone(),
+        // server-cluster checks what the client may send as the pod.
+        Accept::Any,
     )?;
     let reason = tokio::select! {
         r = channel::wait_closed(control) => match r {

@@ -71,7 +71,10 @@ pub fn start_server_cluster(teletun: &Path, files: &Files, pod: &Pod, resolv_con
     cmd.arg("server-cluster")
         .arg(format!("-sockfile={}", files.sockfile()))
         .arg("--resolv-conf")
-        .arg(&resolv);
+        .arg(&resolv)
+        // The pod's own directory (an emptyDir in Kubernetes), apart from the socket's.
+        .arg("--state-dir")
+        .arg(files.dir.join("server-cluster-state"));
     let mut p = Background::spawn("server-cluster", cmd, &files.log("server-cluster"))?;
     p.wait_for_log("took over", Duration::from_secs(10))?;
     Ok(p)
