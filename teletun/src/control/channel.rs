@@ -11,7 +11,7 @@ use crate::proto::control::{HelloDecoder, ServerGreeting};
 
 /// How long the control connection may go without hearing from the peer before
 /// TCP gives up on it. This is a backstop: the data plane's heartbeat
-/// (`transport::link::SILENCE_LIMIT`) notices a dead peer within 4 s; keepalive
+/// (`tunnel::liveness::SILENCE_LIMIT`) notices a dead peer within 4 s; keepalive
 /// probes come only once a second, so a tight TCP bound would mistake a lossy
 /// path for a dead one.
 pub const DEAD_PEER_TIMEOUT: Duration = Duration::from_secs(15);

@@ -329,7 +329,28 @@ pub fn wait(fds: &[RawFd], events: libc::c_short, timeout: Option<Duration>) -> 
     }
 }
 
-/// A level-triggered stop signal that any number of pump threads poll on.
+/// Why [`wait_or_stop`] returned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Wake {
+    /// The descriptor is readable.
+    Ready,
+    /// The stop signal is set.
+    Stop,
+    /// The timeout passed (or a signal interrupted the wait).
+    Timeout,
+}
+
+/// Waits until `fd` is readable, `stop` is set, or `timeout` passes: the one
+/// wait of every data-plane thread.
+pub fn wait_or_stop(fd: RawFd, stop: &StopSignal, timeout: Option<Duration>) -> io::Result<Wake> {
+    Ok(match wait(&[fd, stop.fd()], libc::POLLIN, timeout)? {
+        Some(1) => Wake::Stop,
+        Some(_) => Wake::Ready,
+        None => Wake::Timeout,
+    })
+}
+
+/// A level-triggered stop signal that any number of data-plane threads poll on.
 #[derive(Debug)]
 pub struct StopSignal {
     fd: OwnedFd,

@@ -13,9 +13,9 @@ use tracing::{info, warn};
 use super::netlink::{Netlink, Route};
 use super::overlap;
 
-/// The shortest prefixes routed into the tunnel: a cluster network wider than
-/// a /8 (IPv4) or a /16 (IPv6) would swallow much of the internet, whatever
-/// the Kubernetes API says.
+/// The shortest prefixes routed into the tunnel from the Kubernetes API: a
+/// cluster network wider than a /8 (IPv4) or a /16 (IPv6) would swallow much
+/// of the internet, whatever the API says (`--route` may still ask for one).
 pub const SHORTEST_V4: u8 = 8;
 /// See [`SHORTEST_V4`].
 pub const SHORTEST_V6: u8 = 16;
@@ -31,6 +31,8 @@ pub struct RoutePolicy {
     pub allow_conflicting: bool,
     /// The tunnel's interface index (its own routes never conflict).
     pub own_index: Option<u32>,
+    /// Networks the user asked for (`--route`): not held to the width limit.
+    pub explicit: BTreeSet<IpNet>,
 }
 
 /// What to change.
@@ -51,7 +53,7 @@ impl RoutePolicy {
             return Some(format!("it contains {ip}, the tunnel endpoint or the Kubernetes API"));
         }
         let shortest = if net.addr().is_ipv4() { SHORTEST_V4 } else { SHORTEST_V6 };
-        if net.prefix_len() < shortest {
+        if net.prefix_len() < shortest && !self.explicit.contains(net) {
             return Some(format!("it is wider than a /{shortest}, more than a cluster's network"));
         }
         if net.addr().is_ipv6() && !self.with_v6 {
@@ -120,6 +122,7 @@ impl RouteKeeper {
             policy: RoutePolicy {
                 never,
                 allow_conflicting,
+                explicit: fixed.iter().copied().collect(),
                 ..RoutePolicy::default()
             },
             fixed: fixed.iter().copied().collect(),
@@ -233,6 +236,7 @@ mod tests {
             with_v6: false,
             allow_conflicting: false,
             own_index: Some(9),
+            explicit: set(&["64.0.0.0/2"]),
         }
     }
 
@@ -245,10 +249,12 @@ mod tests {
             "203.0.113.0/24",
             "1.0.0.0/1",
             "fd00::/64",
+            "64.0.0.0/2",
         ]);
         let installed = set(&["10.244.1.0/24", "10.245.0.0/16"]);
         let plan = policy().plan(&wanted, &installed, &lan());
-        assert_eq!(plan.add, vec![net("10.96.0.0/12")]);
+        // A wide network the user asked for goes in.
+        assert_eq!(plan.add, vec![net("10.96.0.0/12"), net("64.0.0.0/2")]);
         assert_eq!(plan.remove, vec![net("10.245.0.0/16")]);
         let refused: Vec<(String, &str)> = plan
             .refused
@@ -273,7 +279,10 @@ mod tests {
             ..policy()
         }
         .plan(&wanted, &installed, &lan());
-        assert_eq!(plan.add, vec![net("10.96.0.0/12"), net("192.168.1.0/25")]);
+        assert_eq!(
+            plan.add,
+            vec![net("10.96.0.0/12"), net("64.0.0.0/2"), net("192.168.1.0/25")]
+        );
     }
 
     fn nets() -> impl Strategy<Value = BTreeSet<IpNet>> {
@@ -307,7 +316,7 @@ mod tests {
             let again = p.plan(&wanted, &now, &lan());
             prop_assert!(again.add.is_empty() && again.remove.is_empty());
             prop_assert!(now.iter().all(|n| !p.never.iter().any(|ip| n.contains(ip))));
-            prop_assert!(now.iter().all(|n| n.prefix_len() >= SHORTEST_V4));
+            prop_assert!(now.iter().all(|n| n.prefix_len() >= SHORTEST_V4 || p.explicit.contains(n)));
             let undo = p.plan(&BTreeSet::new(), &now, &lan());
             prop_assert_eq!(undo.remove.iter().copied().collect::<BTreeSet<_>>(), now);
         }

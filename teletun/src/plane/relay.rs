@@ -6,7 +6,7 @@ use std::io;
 use super::{Accept, DirectionStats};
 use crate::io::batch::{PacketBatch, BUFFER_SIZE};
 use crate::io::offload::{VirtioHeader, GSO_NONE, VIRTIO_HEADER_LEN};
-use crate::io::sys::{self, StopSignal};
+use crate::io::sys::{self, StopSignal, Wake};
 use crate::io::{FrameSink, FrameSource};
 use crate::proto::packet;
 
@@ -40,12 +40,11 @@ pub(super) fn run_relay<A: FrameSource, B: FrameSink>(
     stop: &StopSignal,
 ) -> io::Result<()> {
     let mut frames = PacketBatch::with_capacity(FRAME_BUFFERS, BUFFER_SIZE);
-    let fds = [from.fd(), stop.fd()];
     loop {
-        match sys::wait(&fds, libc::POLLIN, None)? {
-            Some(1) => return Ok(()),
-            None => continue,
-            Some(_) => {}
+        match sys::wait_or_stop(from.fd(), stop, None)? {
+            Wake::Stop => return Ok(()),
+            Wake::Timeout => continue,
+            Wake::Ready => {}
         }
         loop {
             frames.clear();

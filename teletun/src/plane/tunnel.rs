@@ -5,7 +5,7 @@ use std::io;
 use super::{to_io, Accept, DirectionStats};
 use crate::io::batch::{PacketBatch, PacketRefs, BATCH_SIZE, BUFFER_SIZE, MAX_SEGMENTS};
 use crate::io::offload::{split_frame, Coalescer, SplitError};
-use crate::io::sys::{self, StopSignal};
+use crate::io::sys::{self, StopSignal, Wake};
 use crate::io::udp::{PeerAddress, Udp};
 use crate::io::{FrameSink, FrameSource, PacketSource};
 use crate::proto::packet;
@@ -24,7 +24,6 @@ pub(super) fn run_outbound<S: PacketSource>(
     let mut batch = PacketBatch::with_capacity(BATCH_SIZE, buffer);
     let mut control = PacketBatch::with_capacity(2, 256);
     let mut dest = peer.reader();
-    let fds = [source.fd(), stop.fd()];
     let result = loop {
         let now = tunnel::now();
         let due = outbound.poll_timeout();
@@ -36,10 +35,10 @@ pub(super) fn run_outbound<S: PacketSource>(
             udp.send(&control, dest.get())?;
             continue;
         }
-        match sys::wait(&fds, libc::POLLIN, Some(due - now))? {
-            Some(1) => break Ok(()),
-            None => continue,
-            Some(_) => {}
+        match sys::wait_or_stop(source.fd(), stop, Some(due - now))? {
+            Wake::Stop => break Ok(()),
+            Wake::Timeout => continue,
+            Wake::Ready => {}
         }
         // Drain the source before polling again: one poll per burst.
         loop {
@@ -68,11 +67,11 @@ pub(super) fn run_outbound<S: PacketSource>(
     result
 }
 
-/// Datagram buffers per receive: with GRO each may hold a train of up to
-/// [`MAX_SEGMENTS`] datagrams, so a few suffice.
-const RECEIVE_BUFFERS: usize = 16;
-/// Frames built per write batch.
-const FRAME_BUFFERS: usize = 16;
+/// Datagram buffers per receive: with GRO each holds a train of up to 64 KiB
+/// of datagrams, so a few suffice (and each is 64 KiB of the client's memory).
+const RECEIVE_BUFFERS: usize = 8;
+/// Frames built per write batch (64 KiB each).
+const FRAME_BUFFERS: usize = 8;
 
 pub(super) fn run_inbound<K: FrameSink>(
     udp: &Udp,
@@ -89,12 +88,11 @@ pub(super) fn run_inbound<K: FrameSink>(
     let mut frames = PacketBatch::with_capacity(FRAME_BUFFERS, BUFFER_SIZE);
     let mut coalescer = Coalescer::new(sink.capabilities());
     let mut dest = peer.reader();
-    let fds = [udp.fd(), stop.fd()];
     loop {
-        match sys::wait(&fds, libc::POLLIN, None)? {
-            Some(1) => return Ok(()),
-            None => continue,
-            Some(_) => {}
+        match sys::wait_or_stop(udp.fd(), stop, None)? {
+            Wake::Stop => return Ok(()),
+            Wake::Timeout => continue,
+            Wake::Ready => {}
         }
         loop {
             batch.clear();
