@@ -68,6 +68,9 @@ pub struct ClientArgs {
     /// Our private key.
     #[arg(long, value_name = "FILE")]
     pub client_privkey: PathBuf,
+    /// Use a private key that others may read (refused otherwise, as ssh does).
+    #[arg(long)]
+    pub insecure_key_permissions: bool,
     /// Dial this address instead of server-external's node (for nodes that are
     /// not directly reachable); without -pod, no Kubernetes API is used.
     #[arg(long, value_name = "ADDR")]
@@ -95,6 +98,9 @@ pub struct ServerExternalArgs {
     /// Our private key.
     #[arg(long, value_name = "FILE")]
     pub server_privkey: PathBuf,
+    /// Use a private key that others may read (refused otherwise, as ssh does).
+    #[arg(long)]
+    pub insecure_key_permissions: bool,
     /// The one client public key to accept.
     #[arg(long, value_name = "FILE")]
     pub client_pubkey: PathBuf,
@@ -130,6 +136,10 @@ pub struct ServerClusterArgs {
     /// with server-external.
     #[arg(long, value_name = "DIR", default_value = "/var/lib/teletun")]
     pub state_dir: PathBuf,
+    /// The only uid that may connect to the socket: server-external's
+    /// [default: server-cluster's own].
+    #[arg(long, value_name = "UID")]
+    pub peer_uid: Option<u32>,
 }
 
 /// `teletun keygen`.

@@ -68,12 +68,36 @@ fn read_key_file(path: &Path, what: &str) -> Result<Vec<u8>> {
     fs::read(path).with_context(|| format!("cannot read {what} {}", path.display()))
 }
 
+/// Refuses a private key file that group or others may read or write
+/// (unless `allow_insecure`), as ssh does.
+fn check_private_mode(path: &Path, allow_insecure: bool) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = fs::metadata(path)
+        .with_context(|| format!("cannot read private key {}", path.display()))?
+        .permissions()
+        .mode();
+    if mode & 0o077 != 0 && !allow_insecure {
+        bail!(
+            "private key {} is open to others (mode {:o}); run `chmod 600 {}` (or in Kubernetes set the Secret's defaultMode to 0400), or pass --insecure-key-permissions",
+            path.display(),
+            mode & 0o777,
+            path.display()
+        );
+    }
+    Ok(())
+}
+
 /// Loads a private key (`PREFIX.key`) and makes its self-signed certificate.
-pub fn load_identity(path: &Path) -> Result<Identity> {
-    let pem = read_key_file(path, "private key")?;
-    let key = match PKey::private_key_from_pem(&pem) {
+/// A key file others may read is refused unless `allow_insecure`.
+pub fn load_identity(path: &Path, allow_insecure: bool) -> Result<Identity> {
+    let mut pem = read_key_file(path, "private key")?;
+    let parsed = PKey::private_key_from_pem(&pem);
+    // The file's bytes are the key: gone from memory once OpenSSL has it.
+    pem.fill(0);
+    std::hint::black_box(&pem);
+    let key = match parsed {
         Ok(key) => key,
-        Err(_) if PKey::public_key_from_pem(&pem).is_ok() => bail!(
+        Err(_) if fs::read(path).is_ok_and(|p| PKey::public_key_from_pem(&p).is_ok()) => bail!(
             "{} holds a public key, but a private key (PREFIX.key) is needed here",
             path.display()
         ),
@@ -82,6 +106,7 @@ pub fn load_identity(path: &Path) -> Result<Identity> {
             path.display()
         ),
     };
+    check_private_mode(path, allow_insecure)?;
     check_p256(&key, path)?;
     let cert = self_signed(&key).with_context(|| format!("cannot make a certificate for {}", path.display()))?;
     Ok(Identity { key, cert })
@@ -208,7 +233,7 @@ mod tests {
         let dir = tempdir();
         let (k, p) = generate(&dir.join("a")).unwrap();
         assert_eq!(fs::metadata(&k).unwrap().permissions().mode() & 0o777, 0o600);
-        let id = load_identity(&k).unwrap();
+        let id = load_identity(&k, false).unwrap();
         let pin = load_pinned(&p).unwrap();
         ensure_pair(&id, &pin, &k).unwrap();
         assert!(pin.matches_cert_der(&id.cert.to_der().unwrap()));
@@ -224,8 +249,13 @@ mod tests {
     fn wrong_kinds_of_files_give_clear_errors() {
         let dir = tempdir();
         let (k, p) = generate(&dir.join("a")).unwrap();
-        let e = load_identity(&p).err().unwrap().to_string();
+        let e = load_identity(&p, false).err().unwrap().to_string();
         assert!(e.contains("holds a public key"), "{e}");
+        // A private key others may read is refused, with the fix, unless allowed.
+        fs::set_permissions(&k, fs::Permissions::from_mode(0o644)).unwrap();
+        let e = load_identity(&k, false).err().unwrap().to_string();
+        assert!(e.contains("is open to others (mode 644); run `chmod 600"), "{e}");
+        load_identity(&k, true).unwrap();
         let e = load_pinned(&k).err().unwrap().to_string();
         assert!(e.contains("holds a private key"), "{e}");
         let junk = dir.join("junk");

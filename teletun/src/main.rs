@@ -11,6 +11,20 @@ use teletun::tunnel::Transport;
 use teletun::{keys, roles};
 
 fn main() -> ExitCode {
+    // A bug is reported in one line, not as a backtrace; the data plane turns a
+    // thread's panic into the session's end with that line's message.
+    std::panic::set_hook(Box::new(|info| {
+        let thread = std::thread::current();
+        let location = info
+            .location()
+            .map(|l| format!(" at {}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        eprintln!(
+            "teletun: internal error in {}: {}{location} (please report it)",
+            thread.name().unwrap_or("a thread"),
+            teletun::plane::panic_message(info.payload())
+        );
+    }));
     let cli = match Cli::try_parse_from(cli::normalize_args(std::env::args_os())) {
         Ok(cli) => cli,
         Err(e) => {
@@ -61,13 +75,22 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_current_thread().enable_all().build()?)
 }
 
+/// server-external faces strangers: its accept loop and TLS handshakes get
+/// two worker threads, so a burst of handshakes cannot stall the rest.
+fn network_facing_runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?)
+}
+
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Keygen(a) => roles::keygen::run(&a.out),
         Command::Cleanup => runtime()?.block_on(roles::cleanup::run()),
         Command::Guard => runtime()?.block_on(roles::guard::run()),
         Command::Client(a) => {
-            let identity = keys::load_identity(&a.client_privkey)?;
+            let identity = keys::load_identity(&a.client_privkey, a.insecure_key_permissions)?;
             let own = keys::load_pinned(&a.client_pubkey)?;
             keys::ensure_pair(&identity, &own, &a.client_privkey)?;
             let server_key = keys::load_pinned(&a.server_pubkey)?;
@@ -98,7 +121,7 @@ fn run(cli: Cli) -> Result<()> {
             runtime()?.block_on(client::run(config))
         }
         Command::ServerExternal(a) => {
-            let identity = keys::load_identity(&a.server_privkey)?;
+            let identity = keys::load_identity(&a.server_privkey, a.insecure_key_permissions)?;
             let own = keys::load_pinned(&a.server_pubkey)?;
             keys::ensure_pair(&identity, &own, &a.server_privkey)?;
             let client_key = keys::load_pinned(&a.client_pubkey)?;
@@ -112,7 +135,7 @@ fn run(cli: Cli) -> Result<()> {
                 path_mtu: teletun::io::udp::udp_payload(usize::from(a.path_mtu), v6),
                 transport: Transport::default(),
             };
-            runtime()?.block_on(server_external::run(config))
+            network_facing_runtime()?.block_on(server_external::run(config))
         }
         Command::ServerCluster(a) => runtime()?.block_on(server_cluster::run(server_cluster::ServerClusterConfig {
             sockfile: a.sockfile,
@@ -121,6 +144,8 @@ fn run(cli: Cli) -> Result<()> {
             mtu: a.mtu,
             transport: Transport::default(),
             state_dir: a.state_dir,
+            // SAFETY: geteuid has no preconditions.
+            peer_uid: a.peer_uid.unwrap_or_else(|| unsafe { libc::geteuid() }),
         })),
     }
 }

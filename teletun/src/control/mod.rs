@@ -2,5 +2,6 @@
 //! pod's addresses and resolv.conf) and then stays open with TCP keepalive;
 //! closing it ends the session on both sides.
 
+pub mod admission;
 pub mod channel;
 pub mod tls;

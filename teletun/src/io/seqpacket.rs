@@ -47,8 +47,33 @@ pub fn listen(path: &Path) -> Result<Socket> {
     let s = new_socket()?;
     s.bind(&SockAddr::unix(path)?)
         .with_context(|| format!("cannot bind socket {}", path.display()))?;
-    s.listen(1)?;
+    // Only the owner may connect (the peer's uid is checked on accept too).
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("cannot restrict socket {}", path.display()))?;
+    s.listen(4)?;
     Ok(s)
+}
+
+/// The uid and pid of the process at the other end of a connected socket
+/// (`SO_PEERCRED`).
+pub fn peer_credentials(s: &Socket) -> io::Result<(u32, i32)> {
+    let mut cred = libc::ucred { pid: 0, uid: 0, gid: 0 };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: getsockopt writes one ucred into a live one of the given length.
+    let r = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok((cred.uid, cred.pid))
 }
 
 impl SeqPacket {

@@ -148,11 +148,15 @@ impl Udp {
         Ok(val as usize)
     }
 
-    /// Discards every datagram waiting. The server calls it before it greets
-    /// a new client: what waits then belongs to no session.
-    pub fn drain(&self) {
+    /// Discards the datagrams waiting, for at most `budget` (a flood must not
+    /// hold the caller). The server calls it before it greets a new client:
+    /// what waits then belongs to no session.
+    pub fn drain(&self, budget: std::time::Duration) {
+        let deadline = std::time::Instant::now() + budget;
         let mut scratch = PacketBatch::with_capacity(8, super::batch::BUFFER_SIZE);
-        while matches!(sys::recv_batch(self.fd(), &mut scratch, self.gro), Ok((n, _)) if n > 0) {
+        while matches!(sys::recv_batch(self.fd(), &mut scratch, self.gro), Ok((n, _)) if n > 0)
+            && std::time::Instant::now() < deadline
+        {
             scratch.clear();
         }
     }

@@ -87,6 +87,15 @@ pub(crate) fn to_io(e: TunnelError) -> io::Error {
     }
 }
 
+/// The text a panic carried.
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
+    payload
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(no message)")
+}
+
 /// Two directions that stop together.
 pub struct DataPlane {
     stop: Arc<StopSignal>,
@@ -162,7 +171,15 @@ impl DataPlane {
         let stop = self.stop.clone();
         let exits = exits.clone();
         let spawned = thread::Builder::new().name(name.into()).spawn(move || {
-            let result = work(&stop);
+            // A bug that panics ends the data plane with a clear message,
+            // never one direction silently while the other looks alive.
+            let result =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| work(&stop))).unwrap_or_else(|payload| {
+                    Err(io::Error::other(format!(
+                        "the {name} thread stopped on an internal error: {}",
+                        panic_message(payload.as_ref())
+                    )))
+                });
             let _ = exits.send(PumpExit { name, result });
             stop.stop();
         });
@@ -251,5 +268,38 @@ impl DataPlane {
         for t in self.threads {
             let _ = t.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A direction that panics ends the data plane with a clear message, and
+    /// its sibling stops too.
+    #[tokio::test]
+    async fn a_panicking_direction_ends_the_plane_with_its_message() {
+        let (mut plane, exits) = DataPlane::new(Arc::default()).unwrap();
+        plane
+            .spawn("failing", &exits, |_| -> io::Result<()> {
+                panic!("index out of bounds")
+            })
+            .unwrap();
+        plane
+            .spawn("waiting", &exits, |stop| {
+                crate::io::sys::wait(&[stop.fd()], libc::POLLIN, None)?;
+                Ok(())
+            })
+            .unwrap();
+        let first = plane.ended().await;
+        assert_eq!(first.name, "failing");
+        let e = first.result.unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "the failing thread stopped on an internal error: index out of bounds"
+        );
+        let second = plane.ended().await;
+        assert_eq!((second.name, second.result.is_ok()), ("waiting", true));
+        plane.stop();
     }
 }

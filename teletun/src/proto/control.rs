@@ -33,6 +33,45 @@ pub struct Hello {
     pub resolv_conf: String,
 }
 
+/// Whether `ip` is a unicast address a pod can have (and this machine may
+/// take on and trust): not unspecified, loopback, link-local, multicast,
+/// broadcast or an IPv4-mapped IPv6 address.
+pub fn usable_unicast(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(a) => {
+            !(a.is_unspecified() || a.is_loopback() || a.is_link_local() || a.is_multicast() || a.is_broadcast())
+        }
+        IpAddr::V6(a) => {
+            !(a.is_unspecified()
+                || a.is_loopback()
+                || a.is_unicast_link_local()
+                || a.is_multicast()
+                || a.to_ipv4_mapped().is_some())
+        }
+    }
+}
+
+impl Hello {
+    /// Refuses pod addresses this machine must not take on: not usable
+    /// unicast ([`usable_unicast`]), one of this machine's own (`local`), or
+    /// on one of its networks (`on_link`: its LAN's gateway, say). The error
+    /// says which and why, in one line.
+    pub fn check_addresses(&self, local: &[IpAddr], on_link: &[ipnet::IpNet]) -> Result<(), String> {
+        for &ip in &self.addresses {
+            if !usable_unicast(ip) {
+                return Err(format!("{ip} is not a unicast address a pod can have"));
+            }
+            if local.contains(&ip) {
+                return Err(format!("{ip} is one of this machine's own addresses"));
+            }
+            if let Some(net) = on_link.iter().find(|n| n.contains(&ip)) {
+                return Err(format!("{ip} is on this machine's network {net}"));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// The first thing a server says: either the session's [`Hello`] or a refusal.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ServerGreeting {
@@ -355,6 +394,56 @@ mod tests {
         #[test]
         fn arbitrary_text_with_nuls_never_panics(text in "[0-9a-f:.\n\0!]{0,200}") {
             let _ = decode_all(&[text.as_bytes()]);
+        }
+    }
+}
+
+#[cfg(test)]
+mod address_checks {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn hello(addresses: &[&str]) -> Hello {
+        Hello {
+            addresses: addresses.iter().map(|a| a.parse().unwrap()).collect(),
+            resolv_conf: String::new(),
+        }
+    }
+
+    #[test]
+    fn pod_addresses_this_machine_must_not_take_on_are_refused() {
+        let local: Vec<IpAddr> = vec!["192.168.1.10".parse().unwrap()];
+        let lan = vec!["192.168.1.0/24".parse().unwrap()];
+        assert_eq!(hello(&["10.244.1.5", "fd00::5"]).check_addresses(&local, &lan), Ok(()));
+        for (bad, why) in [
+            ("127.0.0.1", "not a unicast address"),
+            ("0.0.0.0", "not a unicast address"),
+            ("224.0.0.1", "not a unicast address"),
+            ("169.254.1.1", "not a unicast address"),
+            ("255.255.255.255", "not a unicast address"),
+            ("fe80::1", "not a unicast address"),
+            ("::ffff:10.0.0.1", "not a unicast address"),
+            ("192.168.1.10", "this machine's own"),
+            ("192.168.1.1", "on this machine's network 192.168.1.0/24"),
+        ] {
+            let e = hello(&[bad]).check_addresses(&local, &lan).unwrap_err();
+            assert!(e.starts_with(bad) && e.contains(why), "{bad}: {e}");
+        }
+    }
+
+    proptest! {
+        /// Whatever the address, the check says yes exactly when it is usable
+        /// unicast and neither local nor on-link.
+        #[test]
+        fn the_check_agrees_with_its_rules(a in any::<u32>(), b in any::<u128>()) {
+            let local: Vec<IpAddr> = vec![IpAddr::from(std::net::Ipv4Addr::from(a.wrapping_add(1)))];
+            let lan: Vec<ipnet::IpNet> = vec!["10.0.0.0/8".parse().unwrap()];
+            for ip in [IpAddr::from(std::net::Ipv4Addr::from(a)), IpAddr::from(std::net::Ipv6Addr::from(b))] {
+                let ok = hello(&[]).check_addresses(&local, &lan).is_ok()
+                    && Hello { addresses: vec![ip], resolv_conf: String::new() }.check_addresses(&local, &lan).is_ok();
+                let expected = usable_unicast(ip) && !local.contains(&ip) && !lan[0].contains(&ip);
+                prop_assert_eq!(ok, expected);
+            }
         }
     }
 }

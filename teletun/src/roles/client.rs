@@ -351,7 +351,16 @@ async fn establish(
         ServerGreeting::Refused(why) => bail!("the server at {} refused the session: {why}", config.server),
     };
     info!("connected to {}: {hello}", config.server);
-    // The server's answer first (it may be busy), then whether our routes would collide.
+    // The server's answer first (it may be busy), then whether it names
+    // addresses this machine may take on, then whether our routes would collide.
+    let (local, on_link) = local_networks().await?;
+    if let Err(why) = hello.check_addresses(&local, &on_link) {
+        let _ = tokio::time::timeout(Duration::from_secs(1), tokio::io::AsyncWriteExt::shutdown(&mut control)).await;
+        bail!(
+            "the server at {} announced a pod address this machine must not take on: {why}; refusing the session (check the server-cluster pod)",
+            config.server
+        );
+    }
     let networks = cluster.map(|c| c.networks.borrow().clone()).unwrap_or_default();
     if let Err(e) = keeper.check_conflicts(&networks).await {
         // Leave politely so the server frees its slot at once.
@@ -452,6 +461,32 @@ fn on_off(on: bool) -> &'static str {
     }
 }
 
+/// This machine's own addresses and the networks it reaches directly.
+async fn local_networks() -> Result<(Vec<IpAddr>, Vec<IpNet>)> {
+    use rtnetlink::packet_route::route::RouteType;
+    let netlink = Netlink::connect()?;
+    let mut routes = netlink.routes(false).await?;
+    routes.extend(netlink.routes(true).await?);
+    let local = routes
+        .iter()
+        .filter(|r| r.kind == RouteType::Local)
+        .map(|r| r.destination.addr())
+        .collect();
+    let on_link = routes
+        .iter()
+        .filter(|r| {
+            let d = r.destination;
+            r.kind == RouteType::Unicast
+                && r.table == crate::netconf::netlink::TABLE_MAIN
+                && r.gateway.is_none()
+                && d.prefix_len() > 0
+                && crate::proto::control::usable_unicast(d.addr())
+        })
+        .map(|r| r.destination)
+        .collect();
+    Ok((local, on_link))
+}
+
 async fn add_addresses(hello: &Hello, tun: &Tun) -> Result<()> {
     let netlink = Netlink::connect()?;
     let index = tun.index()?;
@@ -475,7 +510,14 @@ async fn add_addresses(hello: &Hello, tun: &Tun) -> Result<()> {
 /// its options (`ndots:5`) never reach this machine.
 async fn register_dns(hello: &Hello, tun: &Tun, changes: &mut Changes) -> Result<()> {
     let index = tun.index()?;
-    let pod = resolv_conf::parse(&hello.resolv_conf);
+    let mut pod = resolv_conf::parse(&hello.resolv_conf);
+    pod.nameservers.retain(|ns| {
+        let ok = crate::proto::control::usable_unicast(*ns);
+        if !ok {
+            warn!("not using the pod's nameserver {ns}: not a unicast address a cluster's DNS can have");
+        }
+        ok
+    });
     let split = SplitDomains::from_search(&pod.search);
     for (domain, why) in &split.dropped {
         warn!("not installing the pod's search domain {domain}: {why}");

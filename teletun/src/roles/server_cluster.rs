@@ -45,6 +45,8 @@ pub struct ServerClusterConfig {
     /// Where the takeover record lives: a directory of this pod's own that
     /// outlives container restarts (an emptyDir), not shared with server-external.
     pub state_dir: PathBuf,
+    /// The only uid that may connect to the socket (server-external's).
+    pub peer_uid: u32,
 }
 
 /// A takeover in progress: what it did, written down before each change.
@@ -346,7 +348,7 @@ pub async fn run(config: ServerClusterConfig) -> Result<()> {
                 tun.name(),
                 config.sockfile.display()
             );
-            serve(listener, &tun, &greeting, &hello.addresses).await
+            serve(listener, &tun, &greeting, &hello.addresses, config.peer_uid).await
         }
         Err(e) => Err(e),
     };
@@ -356,7 +358,44 @@ pub async fn run(config: ServerClusterConfig) -> Result<()> {
     result.and(undo)
 }
 
-async fn serve(listener: socket2::Socket, tun: &Arc<Tun>, greeting: &[u8], pod_addresses: &[IpAddr]) -> Result<()> {
+/// Accepts one connection waiting on `listener`, if any, with the uid of
+/// the process at the other end.
+fn accept_one(
+    listener: &tokio::io::unix::AsyncFd<socket2::Socket>,
+    guard: &mut tokio::io::unix::AsyncFdReadyGuard<'_, socket2::Socket>,
+) -> Option<(socket2::Socket, Option<(u32, i32)>)> {
+    match guard.try_io(|l| l.get_ref().accept()) {
+        Ok(Ok((s, _))) => {
+            let cred = seqpacket::peer_credentials(&s).ok();
+            Some((s, cred))
+        }
+        Ok(Err(e)) => {
+            warn!("accept on {} failed: {e}", describe(listener));
+            None
+        }
+        Err(_would_block) => None,
+    }
+}
+
+fn describe(listener: &tokio::io::unix::AsyncFd<socket2::Socket>) -> String {
+    listener
+        .get_ref()
+        .local_addr()
+        .ok()
+        .and_then(|a| a.as_pathname().map(|p| p.display().to_string()))
+        .unwrap_or_else(|| "the socket".into())
+}
+
+/// Runs until SIGINT or SIGTERM, relaying for one server-external at a time:
+/// a connection from another uid than `peer_uid`, or a second one while the
+/// first lives, is refused with a log line.
+async fn serve(
+    listener: socket2::Socket,
+    tun: &Arc<Tun>,
+    greeting: &[u8],
+    pod_addresses: &[IpAddr],
+    peer_uid: u32,
+) -> Result<()> {
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
     listener.set_nonblocking(true)?;
@@ -364,18 +403,34 @@ async fn serve(listener: socket2::Socket, tun: &Arc<Tun>, greeting: &[u8], pod_a
     let listener = unsafe { tokio::io::unix::AsyncFd::register(listener) }
         .map_err(|e| anyhow!("cannot watch the socket: {}", e.into_parts().1))?;
     loop {
-        let sock = tokio::select! {
+        let (sock, cred) = tokio::select! {
             r = listener.readable() => {
                 let mut guard = r?;
-                match guard.try_io(|l| l.get_ref().accept()) {
-                    Ok(Ok((s, _))) => s,
-                    Ok(Err(e)) => { warn!("accept failed: {e}"); continue; }
-                    Err(_would_block) => continue,
+                match accept_one(&listener, &mut guard) {
+                    Some(accepted) => accepted,
+                    None => continue,
                 }
             }
             _ = sigint.recv() => return Ok(()),
             _ = sigterm.recv() => return Ok(()),
         };
+        match cred {
+            Some((uid, _)) if uid == peer_uid => {}
+            Some((uid, pid)) => {
+                warn!(
+                    "refused a connection on {} from pid {pid} (uid {uid}): only uid {peer_uid} may connect (--peer-uid)",
+                    describe(&listener)
+                );
+                continue;
+            }
+            None => {
+                warn!(
+                    "refused a connection on {}: its peer's credentials are unknown",
+                    describe(&listener)
+                );
+                continue;
+            }
+        }
         let link = Arc::new(SeqPacket::new(sock)?);
         let capabilities = tun.capabilities();
         let params = LinkParams {
@@ -400,13 +455,26 @@ async fn serve(listener: socket2::Socket, tun: &Arc<Tun>, greeting: &[u8], pod_a
             // The client may speak only as this pod.
             Accept::From(pod_addresses.to_vec()),
         )?;
-        let stop = tokio::select! {
-            exit = plane.ended() => {
-                info!("server-external link ended: {}", exit.result.err().map_or("stopped".into(), |e| e.to_string()));
-                false
+        let stop = loop {
+            tokio::select! {
+                exit = plane.ended() => {
+                    info!("server-external link ended: {}", exit.result.err().map_or("stopped".into(), |e| e.to_string()));
+                    break false;
+                }
+                r = listener.readable() => {
+                    let mut guard = r?;
+                    if let Some((second, cred)) = accept_one(&listener, &mut guard) {
+                        let who = cred.map_or("an unknown process".into(), |(uid, pid)| format!("pid {pid} (uid {uid})"));
+                        warn!(
+                            "refused a second connection on {} from {who}: server-external is connected",
+                            describe(&listener)
+                        );
+                        drop(second);
+                    }
+                }
+                _ = sigint.recv() => break true,
+                _ = sigterm.recv() => break true,
             }
-            _ = sigint.recv() => true,
-            _ = sigterm.recv() => true,
         };
         info!(
             "to server-external: {}; from server-external: {}; {} malformed TSO reads",

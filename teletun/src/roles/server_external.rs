@@ -14,6 +14,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
+use crate::control::admission::{RateLimiter, Turnaways, HANDSHAKE_DEADLINE, MAX_HANDSHAKES};
 use crate::control::channel;
 use crate::control::tls::{self, KeyMismatch};
 use crate::io::offload::Capabilities;
@@ -49,6 +50,11 @@ type ClusterState = Option<(Arc<SeqPacket>, Hello)>;
 
 struct Shared {
     config: ServerExternalConfig,
+    /// TLS for clients, made once (a key load per connection would be work
+    /// any stranger could make us do).
+    tls: tokio_rustls::TlsAcceptor,
+    /// Unauthenticated TLS handshakes running now, at most [`MAX_HANDSHAKES`].
+    handshakes: Arc<tokio::sync::Semaphore>,
     udp: Arc<Udp>,
     /// The client being served, if any.
     serving: ClientSlot,
@@ -115,8 +121,11 @@ pub async fn run(config: ServerExternalConfig) -> Result<()> {
         config.sockfile.display()
     );
     let (cluster, _) = watch::channel(None);
+    let tls = tokio_rustls::TlsAcceptor::from(tls::server_config(&config.identity, config.client_key.clone())?);
     let shared = Arc::new(Shared {
         config,
+        tls,
+        handshakes: Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES)),
         udp,
         serving: ClientSlot::default(),
         cluster,
@@ -124,13 +133,34 @@ pub async fn run(config: ServerExternalConfig) -> Result<()> {
     tokio::spawn(keep_cluster_connected(shared.clone()));
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
+    let (mut limiter, mut turnaways) = (RateLimiter::default(), Turnaways::default());
+    let clock = std::time::Instant::now();
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((tcp, peer)) => {
+                    // Strangers get little before they authenticate: a few
+                    // attempts a second per address, and a bounded number of
+                    // handshakes at once; the rest are closed at once.
+                    let now = clock.elapsed();
+                    let permit = if limiter.allow(peer.ip(), now) {
+                        shared.handshakes.clone().try_acquire_owned().map_err(|_| true)
+                    } else {
+                        Err(false)
+                    };
+                    let permit = match permit {
+                        Ok(p) => p,
+                        Err(over_cap) => {
+                            drop(tcp);
+                            if let Some(line) = turnaways.note(over_cap, now) {
+                                warn!("{line}");
+                            }
+                            continue;
+                        }
+                    };
                     let shared = shared.clone();
                     tokio::spawn(async move {
-                        if let Err(e) = serve(shared, tcp, peer).await {
+                        if let Err(e) = serve(shared, tcp, peer, permit).await {
                             warn!("client {peer}: {e:#}");
                         }
                     });
@@ -218,13 +248,17 @@ async fn refuse<S: tokio::io::AsyncWrite + Unpin>(stream: &mut S, why: &str) -> 
     Ok(())
 }
 
-async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) -> Result<()> {
+async fn serve(
+    shared: Arc<Shared>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    handshake: tokio::sync::OwnedSemaphorePermit,
+) -> Result<()> {
     channel::tune_tcp(&tcp)?;
-    let acceptor = tokio_rustls::TlsAcceptor::from(tls::server_config(
-        &shared.config.identity,
-        shared.config.client_key.clone(),
-    )?);
-    let mut control = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+    let accepted = tokio::time::timeout(HANDSHAKE_DEADLINE, shared.tls.accept(tcp)).await;
+    // Authenticated or not, this stranger's handshake is over.
+    drop(handshake);
+    let mut control = match accepted {
         Err(_) => return Err(anyhow!("TLS handshake timed out")),
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
@@ -271,8 +305,10 @@ async fn serve_session(
         .await;
     };
     // Stale datagrams of an earlier session must go before the new client's
-    // ClientHello can arrive, i.e. before it hears from us.
-    shared.udp.drain();
+    // ClientHello can arrive, i.e. before it hears from us; a flood must not
+    // hold the runtime, so off it, and for 50 ms at most.
+    let udp = shared.udp.clone();
+    tokio::task::spawn_blocking(move || udp.drain(Duration::from_millis(50))).await?;
     control.write_all(&hello.encode()?).await?;
     control.flush().await?;
     info!("session for {peer} started: sent {hello}");

@@ -662,7 +662,7 @@ mod tests {
             Keys { dir }
         }
         fn id(&self, n: &str) -> Identity {
-            keys::load_identity(&self.dir.join(format!("{n}.key"))).unwrap()
+            keys::load_identity(&self.dir.join(format!("{n}.key")), false).unwrap()
         }
         fn pin(&self, n: &str) -> PinnedKey {
             keys::load_pinned(&self.dir.join(format!("{n}.pub"))).unwrap()
