@@ -72,6 +72,8 @@ pub enum AgentCommand {
         #[command(flatten)]
         impairment: crate::impair::Impairment,
     },
+    #[command(flatten)]
+    Hostile(crate::hostile::HostileCommand),
 }
 
 /// Port of the blob service on `serve`.
@@ -393,6 +395,7 @@ pub fn run(cmd: AgentCommand) -> Result<()> {
             seed,
         } => blob(&direction, addr, bytes, seed),
         AgentCommand::Impair { tun, impairment } => crate::impair::run(&tun, &impairment),
+        AgentCommand::Hostile(c) => crate::hostile::run(c),
         AgentCommand::Send { addr, token } => {
             let mut s =
                 TcpStream::connect_timeout(&addr, TIMEOUT).with_context(|| format!("cannot connect to {addr}"))?;

@@ -159,7 +159,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 /// One iperf3 test from the laptop: Gbit/s and bytes received.
-fn iperf(cluster: &Cluster, target: &str, seconds: u32, reverse: bool, streams: u32) -> Result<(f64, f64)> {
+pub fn iperf(cluster: &Cluster, target: &str, seconds: u32, reverse: bool, streams: u32) -> Result<(f64, f64)> {
     let mut c = cluster.laptop.cmd("iperf3");
     c.args([
         "-c",
@@ -216,7 +216,9 @@ fn ping_ms(cluster: &Cluster, target: &str) -> Result<f64> {
     Ok(median(times))
 }
 
-fn iperf_server(ns_cmd: Command, name: &str, dir: &Path) -> Result<Background> {
+/// Starts an iperf3 server (`ns_cmd` runs iperf3 where it should listen);
+/// returns once it listens.
+pub fn iperf_server(ns_cmd: Command, name: &str, dir: &Path) -> Result<Background> {
     let mut cmd = ns_cmd;
     cmd.args(["-s", "--forceflush"]);
     let mut p = Background::spawn(name, cmd, &dir.join(format!("{name}.log")))?;

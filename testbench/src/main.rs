@@ -1,27 +1,7 @@
 //! The TeleTUN testbench: builds clusters in network namespaces and runs
 //! scenario files and benchmarks against the real `teletun` binary.
 
-mod agent;
-mod bench;
-mod cache;
-mod chart;
-mod closed_set;
-mod cluster;
-mod exec;
-mod impair;
-mod kind;
-mod kubeapi;
-mod laptop;
-mod netlink;
-mod netns;
-mod peers;
-mod pki;
-mod report;
-mod scenario;
-mod topology;
-
-#[cfg(test)]
-mod house;
+use testbench::{agent, bench, chart, exec, kind, netns, peers, report, scenario, topology};
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};

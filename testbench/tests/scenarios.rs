@@ -147,6 +147,11 @@ fn cleanup_undoes_only_dead_clients() {
 }
 
 #[test]
+fn hostile_networks_and_peers_are_refused_and_counted() {
+    run_scenario("hostile.toml");
+}
+
+#[test]
 fn every_scenario_file_has_a_test() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scenarios");
     let this = std::fs::read_to_string(file!()).unwrap_or_else(|_| {

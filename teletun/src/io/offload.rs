@@ -163,8 +163,13 @@ impl Layout {
         a[r.clone()] == b[r] && a[self.ip..self.ip + 4] == b[self.ip..self.ip + 4]
     }
 
-    /// Whether the transport checksum of `p` is right.
+    /// Whether the checksums of `p` are right: the transport's, and for
+    /// IPv4 the header's (splitting writes fresh headers, so a merged packet
+    /// with a bad one would come out repaired; the fuzzer found that).
     fn checksum_valid(&self, p: &[u8]) -> bool {
+        if !self.v6 && checksum::sum(&p[..self.ip]) != 0xffff {
+            return false;
+        }
         let pseudo = checksum::pseudo_header(&p[self.addresses()], self.protocol, (p.len() - self.ip) as u32);
         checksum::transport_valid(pseudo, &p[self.ip..])
     }
@@ -201,8 +206,8 @@ pub struct CoalesceStats {
     /// Packets that could have merged but whose checksum was wrong (sent on
     /// alone: the kernel drops and counts them).
     pub bad_checksums: u64,
-    /// Packets too large for a buffer, dropped.
-    pub oversize: u64,
+    /// Packets no frame can carry (empty, or too large for a buffer), dropped.
+    pub dropped: u64,
 }
 
 /// Builds frames (virtio-net header + packet or super-packet) from packets.
@@ -251,9 +256,11 @@ impl Coalescer {
         if out.is_full() {
             return false;
         }
-        if VIRTIO_HEADER_LEN + packet.len() > out.buffer_size() {
-            // Only garbage is larger than a buffer sized for the largest super-packet.
-            self.stats.oversize += 1;
+        if packet.is_empty() || VIRTIO_HEADER_LEN + packet.len() > out.buffer_size() {
+            // Only garbage is empty or larger than a buffer sized for the
+            // largest super-packet (the fuzzer found the empty case: a frame
+            // without a packet is one no kernel takes).
+            self.stats.dropped += 1;
             return true;
         }
         let buffer = out.len();
@@ -480,11 +487,7 @@ pub fn split_frame(frame: &mut [u8], out: &mut PacketBatch, headroom: usize) -> 
         out.push_at(headroom, packet);
         return Ok(1);
     }
-    let is_v6 = match packet[0] >> 4 {
-        4 => false,
-        6 => true,
-        v => return Err(SplitError::Malformed(format!("IP version {v}"))),
-    };
+    let is_v6 = gso_headers_fit(packet, &header)?;
     let hdr = tun_rs::VirtioNetHdr {
         flags: header.flags,
         gso_type: header.gso_type,
@@ -518,6 +521,41 @@ pub fn split_frame(frame: &mut [u8], out: &mut PacketBatch, headroom: usize) -> 
     }
     *parts.count += n;
     Ok(n)
+}
+
+/// Checks that a super-packet's own headers agree with its virtio header
+/// before it is cut by them: an IP header of the version the GSO type says,
+/// the transport header right after it (`csum_start`) and of that protocol,
+/// and `hdr_len` covering both. Returns whether it is IPv6. (The kernel's
+/// frames always agree; the fuzzer showed a frame that does not would be cut
+/// into segments with broken headers.)
+fn gso_headers_fit(packet: &[u8], header: &VirtioHeader) -> Result<bool, SplitError> {
+    let bad = |what: &str| Err(SplitError::Malformed(format!("super-packet: {what}")));
+    let (is_v6, ip_len, protocol) = match packet[0] >> 4 {
+        4 if packet.len() >= 20 => (false, usize::from(packet[0] & 0x0f) * 4, packet[9]),
+        6 if packet.len() >= 40 => (true, 40, packet[6]),
+        _ => return bad("no IPv4 or IPv6 header"),
+    };
+    let (want_protocol, transport_len) = match header.gso_type {
+        GSO_TCPV4 if !is_v6 => (TCP, 20),
+        GSO_TCPV6 if is_v6 => (TCP, 20),
+        GSO_UDP_L4 => (UDP, 8),
+        t => return bad(&format!("GSO type {t} for an IPv{} packet", if is_v6 { 6 } else { 4 })),
+    };
+    let start = usize::from(header.csum_start);
+    let hdr_len = usize::from(header.hdr_len);
+    if ip_len < 20 || start != ip_len || protocol != want_protocol {
+        return bad("the transport header is not where the virtio header says");
+    }
+    let tcp_len = if want_protocol == TCP && packet.len() > start + 12 {
+        usize::from(packet[start + 12] >> 4) * 4
+    } else {
+        transport_len
+    };
+    if tcp_len < transport_len || hdr_len < start + tcp_len || hdr_len > packet.len() || header.gso_size == 0 {
+        return bad("its header length does not cover its headers");
+    }
+    Ok(is_v6)
 }
 
 /// Completes a checksum the sender left to us (`CHECKSUM_PARTIAL`): the sum

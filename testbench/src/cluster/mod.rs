@@ -32,7 +32,7 @@ use anyhow::{bail, Context, Result};
 
 pub use api::{BrokenKubeconfig, EXTERNAL_POD};
 pub use net::{NodeNet, Pod};
-pub use plan::{HomeLan, Plan, ECHO_PORT, HTTP_PORT};
+pub use plan::{HomeLan, Plan, ECHO_PORT, HTTP_PORT, SERVER_PORT};
 pub use servers::KeyName;
 pub use services::Service;
 
@@ -290,10 +290,7 @@ impl Cluster {
     /// Starts server-cluster and waits for its takeover (and for server-external
     /// to link up with it, if that runs).
     pub fn start_server_cluster(&mut self) -> Result<()> {
-        let before = self
-            .process_mut("server-external")
-            .ok()
-            .map(|p| servers::links_so_far(p));
+        let before = self.running_mut("server-external").map(|p| servers::links_so_far(p));
         let pod = self.pod("teletun")?.clone();
         let p = servers::start_server_cluster(&self.teletun, &self.files, &pod, &self.plan.pod_resolv_conf())?;
         self.replace_process(p);
@@ -308,7 +305,7 @@ impl Cluster {
     pub fn start_server_external(&mut self) -> Result<()> {
         let p = servers::start_server_external(&self.teletun, &self.files, &self.node)?;
         self.replace_process(p);
-        if self.process_mut("server-cluster").is_ok() {
+        if self.running_mut("server-cluster").is_some() {
             servers::wait_linked(self.process_mut("server-external")?, 0)?;
         }
         Ok(())
@@ -325,6 +322,12 @@ impl Cluster {
             .iter_mut()
             .find(|p| p.name == name)
             .with_context(|| format!("{name} is not running"))
+    }
+
+    /// A background process by name, if it is still running.
+    fn running_mut(&mut self, name: &str) -> Option<&mut Background> {
+        let p = self.process_mut(name).ok()?;
+        matches!(p.child.try_wait(), Ok(None)).then_some(p)
     }
 
     /// The client command line, run on the laptop: with a Kubernetes API
@@ -362,6 +365,24 @@ impl Cluster {
             o.server_key,
             o.args,
         ))
+    }
+
+    /// The server-cluster ↔ server-external socket.
+    pub fn sockfile(&self) -> PathBuf {
+        PathBuf::from(self.files.sockfile())
+    }
+
+    /// server-cluster's own state directory, where its takeover record lives.
+    pub fn server_cluster_state_dir(&self) -> PathBuf {
+        self.files.state_dir()
+    }
+
+    /// The laptop's address on its uplink (on the home LAN, if it has one).
+    pub fn laptop_address(&self) -> Ipv4Addr {
+        match self.home {
+            Some(_) => HomeLan.laptop_ip(),
+            None => self.plan.laptop_link().0,
+        }
     }
 
     /// The kubeconfig for the cluster's API.

@@ -57,6 +57,11 @@ impl Files {
         self.dir.join("teletun.sock").to_string_lossy().into_owned()
     }
 
+    /// server-cluster's own state directory (an emptyDir in Kubernetes).
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.join("server-cluster-state")
+    }
+
     fn log(&self, name: &str) -> PathBuf {
         self.dir.join(format!("{name}.log"))
     }
@@ -74,7 +79,7 @@ pub fn start_server_cluster(teletun: &Path, files: &Files, pod: &Pod, resolv_con
         .arg(&resolv)
         // The pod's own directory (an emptyDir in Kubernetes), apart from the socket's.
         .arg("--state-dir")
-        .arg(files.dir.join("server-cluster-state"));
+        .arg(files.state_dir());
     let mut p = Background::spawn("server-cluster", cmd, &files.log("server-cluster"))?;
     p.wait_for_log("took over", Duration::from_secs(10))?;
     Ok(p)

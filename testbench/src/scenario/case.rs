@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 
-use super::values::{Place, Target};
+use super::values::{Place, Process, Target};
 use crate::cluster::Cluster;
 use crate::exec::{self, Background};
 use crate::impair::Impairment;
@@ -29,6 +29,10 @@ pub struct Case<'a> {
     pub detail: Option<String>,
     /// A state snapshot the current step took: (name, normalized text).
     pub snapshot: Option<(String, String)>,
+    /// A flood under way (`start-flood` … `stop-flood`).
+    pub flood: Option<crate::hostile::FloodRun>,
+    /// Throughput measurements so far, in bit/s, by name.
+    pub throughputs: BTreeMap<String, f64>,
 }
 
 impl Case<'_> {
@@ -40,6 +44,20 @@ impl Case<'_> {
     /// The cluster steps act on, to change it.
     pub fn cluster_mut(&mut self) -> &mut Cluster {
         &mut self.clusters[0]
+    }
+
+    /// The whole log of a process, also of one that has ended.
+    pub fn log_of(&mut self, process: &Process) -> Result<String> {
+        Ok(match process {
+            Process::Client(name) => {
+                let path = self
+                    .client_logs
+                    .get(name)
+                    .with_context(|| format!("no client {name:?} ran"))?;
+                std::fs::read_to_string(path)?
+            }
+            other => self.cluster_mut().process_mut(other.cluster_name())?.log_text(),
+        })
     }
 
     /// A command running `program` at `place`.

@@ -26,6 +26,9 @@ pub fn two() -> u64 {
 pub fn ten() -> u64 {
     10
 }
+pub fn twenty() -> u64 {
+    20
+}
 pub fn default_namespace() -> String {
     "default".into()
 }

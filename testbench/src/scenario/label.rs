@@ -81,6 +81,16 @@ impl Step {
             Step::StartServer(s) => format!("start {}", s.role),
             Step::StopServer(s) => format!("stop {} with {}", s.role, s.signal),
             Step::ClientExits(s) => format!("client {} exits with {:?}", s.name, s.expect_error),
+            Step::StartFlood(s) => format!(
+                "flood from the internet at the {}: {} connects/s, {} datagrams/s",
+                s.aim, s.connects_per_second, s.datagrams_per_second
+            ),
+            Step::StopFlood(_) => "stop the flood; server-external lived through it".into(),
+            Step::Throughput(s) => format!("throughput {} ({} s)", s.name, s.seconds),
+            Step::Forge(s) => format!("{} forged packets {} are dropped", s.count, s.way),
+            Step::PlantRecord(s) => format!("a planted takeover record ({}) is discarded", s.record),
+            Step::ConnectLink(s) => format!("an intruder ({}) on the AF_UNIX link gets nothing", s.intruder),
+            Step::Counter(s) => format!("{} counts at least {} {}", s.process, s.at_least, s.counter),
         }
     }
 

@@ -18,7 +18,7 @@ mod steps;
 mod validate;
 mod values;
 
-pub use load::{load, Scenario};
+pub use load::{load, parse, Problem, Scenario};
 pub use run::{run, BUILD_CHECK};
 pub use schema::json_schema;
 

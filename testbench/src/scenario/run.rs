@@ -49,6 +49,8 @@ pub fn run(scenario: &Scenario, teletun: &Path, work: &Path, progress: &mut dyn 
         impairments: &scenario.impairments,
         detail: None,
         snapshot: None,
+        flood: None,
+        throughputs: BTreeMap::new(),
     };
     let mut aborted = false;
     for step in &scenario.steps {
@@ -76,6 +78,8 @@ pub fn run(scenario: &Scenario, teletun: &Path, work: &Path, progress: &mut dyn 
         c.snapshot = case.snapshot.take();
         report(c, &mut checks);
     }
+    // A flood left running by a failed case stops first.
+    case.flood = None;
     // Stop clients before the servers so their cleanup runs normally.
     for (_, mut c) in std::mem::take(&mut case.clients) {
         c.signal(libc::SIGTERM);

@@ -120,6 +120,8 @@ pub fn check(topology: &Topology, steps: &[Step], profiles: &BTreeSet<String>) -
     let mut current = 0;
     let mut running: BTreeSet<String> = BTreeSet::new();
     let mut started: BTreeSet<String> = BTreeSet::new();
+    let mut measured: BTreeSet<String> = BTreeSet::new();
+    let mut flooding = false;
     for (i, step) in steps.iter().enumerate() {
         let mut problem = |key: &'static str, message: String| {
             found.push(Finding {
@@ -291,7 +293,30 @@ pub fn check(topology: &Topology, steps: &[Step], profiles: &BTreeSet<String>) -
                     list(profiles)
                 ),
             ),
+            Step::StartFlood(_) if std::mem::replace(&mut flooding, true) => {
+                problem("do", "a flood already runs here; stop-flood first".into())
+            }
+            Step::StopFlood(_) if !std::mem::replace(&mut flooding, false) => problem(
+                "do",
+                "no flood runs here; start one with an earlier start-flood step".into(),
+            ),
+            Step::Throughput(s) => {
+                if let Some(base) = s.compare_with.as_ref().filter(|b| !measured.contains(*b)) {
+                    problem(
+                        "compare_with",
+                        format!(
+                            "no earlier throughput step is named {base:?} (named: {})",
+                            list(&measured)
+                        ),
+                    );
+                }
+                measured.insert(s.name.clone());
+            }
             Step::LogContains(LogContains {
+                process: Process::Client(name),
+                ..
+            })
+            | Step::Counter(Counter {
                 process: Process::Client(name),
                 ..
             }) if !started.contains(name) => problem(

@@ -3,7 +3,7 @@
 //! (`testbench schema`, kept in docs/scenario.schema.json).
 //!
 //! Adding a step kind: a struct in the family's file here (`processes`,
-//! `connectivity`, `dns`, `changes`, `impairment`, `state`, as in `steps/`) and
+//! `connectivity`, `dns`, `changes`, `impairment`, `state`, `hostile`, as in `steps/`) and
 //! a line in `steps!` below, its label in
 //! `label.rs`, its checks in `validate.rs`, and its action in one of
 //! `steps/*.rs` (dispatched in `steps/mod.rs`).
@@ -11,6 +11,7 @@
 mod changes;
 mod connectivity;
 mod dns;
+mod hostile;
 mod impairment;
 mod processes;
 mod state;
@@ -26,6 +27,7 @@ use crate::topology::Topology;
 pub use changes::*;
 pub use connectivity::*;
 pub use dns::*;
+pub use hostile::*;
 pub use impairment::*;
 pub use processes::*;
 pub use state::*;
@@ -131,4 +133,11 @@ steps! {
     "teletun-cleanup" => TeletunCleanup,
     "log-contains" => LogContains,
     "run" => Run,
+    "start-flood" => StartFlood,
+    "stop-flood" => StopFlood,
+    "throughput" => Throughput,
+    "forge" => Forge,
+    "plant-record" => PlantRecord,
+    "connect-link" => ConnectLink,
+    "counter" => Counter,
 }

@@ -56,6 +56,9 @@ pub struct StartClient {
     /// More command-line arguments.
     #[serde(default)]
     pub args: Vec<String>,
+    /// Seconds the tunnel may take to come up (or the client to fail).
+    #[serde(default = "defaults::twenty")]
+    pub within: u64,
 }
 
 /// Stop a client with a signal; it must exit 0 after cleaning up and report the stop.

@@ -1,10 +1,11 @@
 //! What each step does, one file per family: `connectivity`, `dns`,
 //! `processes`, `changes` (to the cluster), `impairment`, `state` (of the
-//! laptop). [`perform`] sends each step kind to its function.
+//! laptop), `hostile` (floods, forgeries, intruders). [`perform`] sends each step kind to its function.
 
 mod changes;
 mod connectivity;
 mod dns;
+mod hostile;
 mod impairment;
 mod processes;
 mod state;
@@ -49,5 +50,12 @@ pub fn perform(case: &mut Case, step: &Step) -> Result<()> {
         Step::LaptopUnchanged(s) => state::laptop_unchanged(case, s),
         Step::Snapshot(s) => state::snapshot(case, s),
         Step::TeletunCleanup(_) => state::teletun_cleanup(case),
+        Step::StartFlood(s) => hostile::start_flood(case, s),
+        Step::StopFlood(s) => hostile::stop_flood(case, s),
+        Step::Throughput(s) => hostile::throughput(case, s),
+        Step::Forge(s) => hostile::forge(case, s),
+        Step::PlantRecord(s) => hostile::plant_record(case, s),
+        Step::ConnectLink(s) => hostile::connect_link(case, s),
+        Step::Counter(s) => hostile::counter(case, s),
     }
 }

@@ -10,7 +10,7 @@ use super::super::case::Case;
 use super::super::schema::{
     ClientExits, CrashClient, KillClient, LogContains, Run, StartClient, StartServer, StopClient, StopServer,
 };
-use super::super::values::{CrashPoint, KillMode, Process, Role};
+use super::super::values::{CrashPoint, KillMode, Role};
 use crate::cluster::ClientOptions;
 use crate::exec::{self, Background};
 
@@ -53,14 +53,16 @@ pub fn start_client(case: &mut Case, s: &StartClient) -> Result<()> {
     let cmd = case.cluster().client_command(&options)?;
     let log = case.cluster().dir.join(format!("client-{}.log", s.name));
     case.client_logs.insert(s.name.clone(), log.clone());
+    let started = Instant::now();
     let mut c = Background::spawn(&format!("client {}", s.name), cmd, &log)?;
     match &s.expect_error {
         None => {
-            c.wait_for_log("is up", Duration::from_secs(20))?;
+            c.wait_for_log("is up", Duration::from_secs(s.within))?;
+            case.detail = Some(format!("up in {} ms", started.elapsed().as_millis()));
             case.clients.insert(s.name.clone(), c);
         }
         Some(text) => {
-            let status = c.wait(Duration::from_secs(20))?;
+            let status = c.wait(Duration::from_secs(s.within))?;
             check_one_error(status, &c.log_text(), text)?;
         }
     }
@@ -153,16 +155,7 @@ fn check_one_error(status: ExitStatus, log: &str, text: &str) -> Result<()> {
 pub fn log_contains(case: &mut Case, s: &LogContains) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(if s.absent { 0 } else { s.within });
     loop {
-        let log = match &s.process {
-            Process::Client(name) => {
-                let path = case
-                    .client_logs
-                    .get(name)
-                    .with_context(|| format!("no client {name:?} ran"))?;
-                std::fs::read_to_string(path)?
-            }
-            other => case.cluster_mut().process_mut(other.cluster_name())?.log_text(),
-        };
+        let log = case.log_of(&s.process)?;
         match (log.contains(s.text.as_str()), s.absent) {
             (true, false) | (false, true) => return Ok(()),
             (true, true) => bail!("found: {}", exec::last_lines(&log, 3)),

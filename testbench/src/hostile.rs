@@ -1,0 +1,461 @@
+//! `testbench agent` tools that play strangers and intruders: a connect and
+//! datagram flood, raw UDP packets with forged addresses, a collector that
+//! says what arrived, and a probe of an AF_UNIX socket.
+
+use std::io::{BufRead, Write};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::Subcommand;
+
+/// The hostile agent commands.
+#[derive(Debug, Subcommand)]
+pub enum HostileCommand {
+    /// Flood `control` with TCP connects and `data` with UDP datagrams until
+    /// SIGTERM; then print what happened as one JSON line.
+    Flood {
+        /// TCP address to connect to.
+        #[arg(long)]
+        control: SocketAddr,
+        /// UDP address to send to.
+        #[arg(long)]
+        data: SocketAddr,
+        /// Connects per second.
+        #[arg(long)]
+        connects: u32,
+        /// Datagrams per second.
+        #[arg(long)]
+        datagrams: u32,
+    },
+    /// Send `count` UDP datagrams carrying `token` from a forged `source`
+    /// (raw IPv4 socket, header built here).
+    ForgeUdp {
+        #[arg(long)]
+        source: Ipv4Addr,
+        #[arg(long)]
+        dest: SocketAddrV4,
+        #[arg(long)]
+        token: String,
+        #[arg(long, default_value_t = 1)]
+        count: u32,
+    },
+    /// Print "ready", then each datagram received on `port` for `seconds`, one per line.
+    CollectUdp {
+        #[arg(long)]
+        port: u16,
+        #[arg(long)]
+        seconds: u64,
+    },
+    /// Connect to an AF_UNIX SEQPACKET socket and say what came of it:
+    /// "refused: …", "greeted: N bytes", "closed" or "silent".
+    LinkProbe { path: PathBuf },
+}
+
+/// Runs one hostile command.
+pub fn run(cmd: HostileCommand) -> Result<()> {
+    match cmd {
+        HostileCommand::Flood {
+            control,
+            data,
+            connects,
+            datagrams,
+        } => flood(control, data, connects, datagrams),
+        HostileCommand::ForgeUdp {
+            source,
+            dest,
+            token,
+            count,
+        } => forge_udp(source, dest, &token, count),
+        HostileCommand::CollectUdp { port, seconds } => collect_udp(port, seconds),
+        HostileCommand::LinkProbe { path } => {
+            println!("{}", link_probe(&path));
+            Ok(())
+        }
+    }
+}
+
+/// What the flood did, by outcome.
+#[derive(Default)]
+struct FloodCounts {
+    attempted: AtomicU64,
+    connected: AtomicU64,
+    refused: AtomicU64,
+    failed: AtomicU64,
+    /// Connections the server closed before we gave up on them.
+    closed_by_server: AtomicU64,
+    /// Connects not tried because too many were still open here.
+    skipped: AtomicU64,
+    datagrams: AtomicU64,
+}
+
+/// Most connections the generator keeps open at once (its own descriptors).
+const MAX_OPEN: usize = 20_000;
+/// How long an idle or replaying connection is held, at most.
+const HOLD: Duration = Duration::from_secs(10);
+
+fn flood(control: SocketAddr, data: SocketAddr, connects: u32, datagrams: u32) -> Result<()> {
+    raise_fd_limit();
+    let counts = Arc::new(FloodCounts::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(libc::SIGTERM, stop.clone())?;
+    let udp = {
+        let (counts, stop) = (counts.clone(), stop.clone());
+        std::thread::spawn(move || udp_flood(data, datagrams, &counts, &stop))
+    };
+    let hello = client_hello()?;
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    runtime.block_on(tcp_flood(control, connects, hello, counts.clone(), stop.clone()));
+    udp.join()
+        .map_err(|_| anyhow::anyhow!("the UDP flood thread panicked"))??;
+    let c = &counts;
+    let n = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    println!(
+        "{}",
+        serde_json::json!({
+            "attempted": n(&c.attempted),
+            "connected": n(&c.connected),
+            "refused": n(&c.refused),
+            "failed": n(&c.failed),
+            "closed_by_server": n(&c.closed_by_server),
+            "skipped": n(&c.skipped),
+            "datagrams": n(&c.datagrams),
+        })
+    );
+    Ok(())
+}
+
+fn raise_fd_limit() {
+    let mut l = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit write and read the struct we pass.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) == 0 {
+            l.rlim_cur = l.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &l);
+        }
+    }
+}
+
+/// A real TLS 1.3 ClientHello (rustls, as a client would send), replayed
+/// on every other connection.
+fn client_hello() -> Result<Vec<u8>> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+    let name = rustls::pki_types::ServerName::try_from("teletun").expect("a DNS name");
+    let mut conn = rustls::ClientConnection::new(Arc::new(config), name)?;
+    let mut hello = Vec::new();
+    conn.write_tls(&mut hello)?;
+    Ok(hello)
+}
+
+async fn tcp_flood(to: SocketAddr, per_second: u32, hello: Vec<u8>, counts: Arc<FloodCounts>, stop: Arc<AtomicBool>) {
+    let hello: Arc<[u8]> = hello.into();
+    let open = Arc::new(tokio::sync::Semaphore::new(MAX_OPEN));
+    // Connects in 10 ms ticks, the remainder carried over.
+    let mut tick = tokio::time::interval(Duration::from_millis(10));
+    let start = Instant::now();
+    let mut sent: u64 = 0;
+    while !stop.load(Ordering::Relaxed) {
+        tick.tick().await;
+        let due = (start.elapsed().as_secs_f64() * f64::from(per_second)) as u64;
+        while sent < due {
+            sent += 1;
+            let Ok(permit) = open.clone().try_acquire_owned() else {
+                counts.skipped.fetch_add(1, Ordering::Relaxed);
+                continue;
+            };
+            counts.attempted.fetch_add(1, Ordering::Relaxed);
+            let (counts, hello) = (counts.clone(), hello.clone());
+            let replay = sent % 2 == 0;
+            tokio::spawn(async move {
+                one_connection(to, replay.then_some(&hello[..]), &counts).await;
+                drop(permit);
+            });
+        }
+    }
+}
+
+async fn one_connection(to: SocketAddr, hello: Option<&[u8]>, counts: &FloodCounts) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let connect = tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(to)).await;
+    let mut tcp = match connect {
+        Ok(Ok(tcp)) => tcp,
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+            counts.refused.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        _ => {
+            counts.failed.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+    };
+    counts.connected.fetch_add(1, Ordering::Relaxed);
+    if let Some(hello) = hello {
+        if tcp.write_all(hello).await.is_err() {
+            counts.closed_by_server.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+    }
+    // Hold the connection, reading whatever comes, until the server closes it.
+    let mut buf = [0u8; 4096];
+    let held = tokio::time::timeout(HOLD, async {
+        loop {
+            match tcp.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    if held.is_ok() {
+        counts.closed_by_server.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+fn udp_flood(to: SocketAddr, per_second: u32, counts: &FloodCounts, stop: &AtomicBool) -> Result<()> {
+    let bind: SocketAddr = if to.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse()?;
+    let socket = UdpSocket::bind(bind)?;
+    let start = Instant::now();
+    let mut sent: u64 = 0;
+    let mut datagram = [0u8; 1200];
+    while !stop.load(Ordering::Relaxed) {
+        let due = (start.elapsed().as_secs_f64() * f64::from(per_second)) as u64;
+        while sent < due {
+            let len = shape(sent, &mut datagram);
+            sent += 1;
+            // Errors (an ICMP unreachable from a closed port) do not stop a flood.
+            if socket.send_to(&datagram[..len], to).is_ok() {
+                counts.datagrams.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    Ok(())
+}
+
+/// The `n`th datagram: every other one a DTLS 1.2 ClientHello's first record
+/// (epoch 0, a fresh random and no cookie), the rest junk of varying length,
+/// some shaped as epoch-1 application data.
+fn shape(n: u64, d: &mut [u8]) -> usize {
+    fastrand::fill(d);
+    if n % 2 == 0 {
+        let body = 100usize;
+        d[..3].copy_from_slice(&[22, 0xfe, 0xfd]);
+        d[3..11].copy_from_slice(&n.to_be_bytes()[..8]);
+        d[3..5].copy_from_slice(&[0, 0]);
+        d[11..13].copy_from_slice(&(body as u16).to_be_bytes());
+        // Handshake header: ClientHello, length, message seq 0, fragment offset 0.
+        d[13] = 1;
+        d[14..17].copy_from_slice(&[0, 0, (body - 12) as u8]);
+        d[17..19].copy_from_slice(&[0, 0]);
+        d[19..22].copy_from_slice(&[0, 0, 0]);
+        d[22..25].copy_from_slice(&[0, 0, (body - 12) as u8]);
+        d[25..27].copy_from_slice(&[0xfe, 0xfd]);
+        13 + body
+    } else {
+        if n % 4 == 1 {
+            d[..5].copy_from_slice(&[23, 0xfe, 0xfd, 0, 1]);
+            let len = 200u16;
+            d[11..13].copy_from_slice(&len.to_be_bytes());
+            return 13 + usize::from(len);
+        }
+        1 + fastrand::usize(..d.len() - 1)
+    }
+}
+
+fn forge_udp(source: Ipv4Addr, dest: SocketAddrV4, token: &str, count: u32) -> Result<()> {
+    // SAFETY: a plain socket(2) call; the descriptor is owned right away.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW) };
+    if fd < 0 {
+        bail!("cannot open a raw socket: {}", std::io::Error::last_os_error());
+    }
+    // SAFETY: fd is a new descriptor nobody else owns.
+    let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    let packet = udp_packet(source, dest, token.as_bytes());
+    let to = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: 0,
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(*dest.ip()).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    for _ in 0..count {
+        // SAFETY: the buffer and address outlive the call; their lengths are theirs.
+        let n = unsafe {
+            libc::sendto(
+                std::os::fd::AsRawFd::as_raw_fd(&fd),
+                packet.as_ptr().cast(),
+                packet.len(),
+                0,
+                (&to as *const libc::sockaddr_in).cast(),
+                std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+            )
+        };
+        if n < 0 {
+            bail!(
+                "cannot send a forged packet to {dest}: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// An IPv4 UDP packet from `source` to `dest` with `payload`, checksums
+/// filled in (the kernel fills the IPv4 header checksum of raw sends anyway).
+fn udp_packet(source: Ipv4Addr, dest: SocketAddrV4, payload: &[u8]) -> Vec<u8> {
+    let udp_len = 8 + payload.len();
+    let total = 20 + udp_len;
+    let mut p = vec![0u8; total];
+    p[0] = 0x45;
+    p[2..4].copy_from_slice(&(total as u16).to_be_bytes());
+    p[6] = 0x40; // don't fragment
+    p[8] = 64;
+    p[9] = 17;
+    p[12..16].copy_from_slice(&source.octets());
+    p[16..20].copy_from_slice(&dest.ip().octets());
+    let header_sum = teletun::proto::checksum::sum(&p[..20]);
+    p[10..12].copy_from_slice(&(!header_sum).to_be_bytes());
+    p[20..22].copy_from_slice(&40_000u16.to_be_bytes());
+    p[22..24].copy_from_slice(&dest.port().to_be_bytes());
+    p[24..26].copy_from_slice(&(udp_len as u16).to_be_bytes());
+    p[28..].copy_from_slice(payload);
+    let mut pseudo = Vec::with_capacity(12 + udp_len);
+    pseudo.extend_from_slice(&p[12..20]);
+    pseudo.extend_from_slice(&[0, 17]);
+    pseudo.extend_from_slice(&(udp_len as u16).to_be_bytes());
+    pseudo.extend_from_slice(&p[20..]);
+    let sum = !teletun::proto::checksum::sum(&pseudo);
+    p[26..28].copy_from_slice(&(if sum == 0 { 0xffff } else { sum }).to_be_bytes());
+    p
+}
+
+fn collect_udp(port: u16, seconds: u64) -> Result<()> {
+    let socket = UdpSocket::bind(("0.0.0.0", port)).with_context(|| format!("cannot bind UDP port {port}"))?;
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "ready")?;
+    out.flush()?;
+    let mut buf = [0u8; 2048];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Ok(());
+        }
+        socket.set_read_timeout(Some(left))?;
+        match socket.recv_from(&mut buf) {
+            Ok((n, from)) => {
+                writeln!(out, "{} from {from}", String::from_utf8_lossy(&buf[..n]))?;
+                out.flush()?;
+            }
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// Waits for a `collect-udp` child's "ready" line.
+pub fn wait_ready(child: &mut std::process::Child) -> Result<std::io::BufReader<std::process::ChildStdout>> {
+    let out = child.stdout.take().context("collect-udp's output is not piped")?;
+    let mut reader = std::io::BufReader::new(out);
+    let mut line = String::new();
+    reader.read_line(&mut line)?;
+    if line.trim() != "ready" {
+        bail!("collect-udp did not start: {line:?}");
+    }
+    Ok(reader)
+}
+
+fn link_probe(path: &std::path::Path) -> String {
+    let link = match teletun::io::seqpacket::SeqPacket::connect(path) {
+        Ok(l) => l,
+        Err(e) => return format!("refused: {e}"),
+    };
+    let mut buf = vec![0u8; 65536];
+    match link.recv_message(&mut buf, Duration::from_secs(2)) {
+        Ok(0) => "closed".into(),
+        Ok(n) => format!("greeted: {n} bytes"),
+        Err(e) if e.kind() == std::io::ErrorKind::TimedOut || e.kind() == std::io::ErrorKind::WouldBlock => {
+            if link.peer_closed() {
+                "closed".into()
+            } else {
+                "silent".into()
+            }
+        }
+        Err(_) => "closed".into(),
+    }
+}
+
+/// A running flood generator, and a watch on the process it aims at.
+pub struct FloodRun {
+    /// The generator.
+    pub generator: crate::exec::Background,
+    /// Where it aims.
+    pub at_server: bool,
+    watching: Arc<AtomicBool>,
+    watcher: Option<std::thread::JoinHandle<u64>>,
+}
+
+impl FloodRun {
+    /// Wraps a started generator and samples the open files of process
+    /// `target` every 100 ms until [`FloodRun::finish`].
+    pub fn watch(generator: crate::exec::Background, at_server: bool, target: u32) -> FloodRun {
+        let watching = Arc::new(AtomicBool::new(true));
+        let flag = watching.clone();
+        let watcher = std::thread::spawn(move || {
+            let mut most = 0;
+            while flag.load(Ordering::Relaxed) {
+                if let Ok(entries) = std::fs::read_dir(format!("/proc/{target}/fd")) {
+                    most = most.max(entries.count() as u64);
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            most
+        });
+        FloodRun {
+            generator,
+            at_server,
+            watching,
+            watcher: Some(watcher),
+        }
+    }
+
+    /// Stops the generator; returns its last output line (its counts, as
+    /// JSON) and the most open files the target had.
+    pub fn finish(mut self) -> Result<(serde_json::Value, u64)> {
+        self.generator.signal(libc::SIGTERM);
+        let status = self.generator.wait(Duration::from_secs(15))?;
+        let most_fds = self.stop_watching();
+        let text = self.generator.log_text();
+        if !status.success() {
+            bail!(
+                "the flood generator failed ({status}): {}",
+                crate::exec::last_lines(&text, 3)
+            );
+        }
+        let last = text.lines().last().unwrap_or("");
+        let counts = serde_json::from_str(last).with_context(|| format!("the flood generator's counts: {last:?}"))?;
+        Ok((counts, most_fds))
+    }
+
+    fn stop_watching(&mut self) -> u64 {
+        self.watching.store(false, Ordering::Relaxed);
+        self.watcher.take().map_or(0, |w| w.join().unwrap_or(0))
+    }
+}
+
+impl Drop for FloodRun {
+    fn drop(&mut self) {
+        self.stop_watching();
+    }
+}
