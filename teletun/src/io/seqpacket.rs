@@ -193,3 +193,27 @@ impl FrameSink for Arc<SeqPacket> {
         Ok(0)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The socket file is the owner's alone, and an accepted connection
+    /// names the process at its other end (server-cluster's uid check).
+    #[test]
+    fn the_socket_is_private_and_names_its_peer() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("teletun-seqpacket-{}", std::process::id()));
+        let path = dir.join("link.sock");
+        let listener = listen(&path).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let _client = SeqPacket::connect(&path).unwrap();
+        let (accepted, _) = listener.accept().unwrap();
+        let (uid, pid) = peer_credentials(&accepted).unwrap();
+        // SAFETY: geteuid has no preconditions.
+        assert_eq!(uid, unsafe { libc::geteuid() });
+        assert_eq!(pid, std::process::id() as i32);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
