@@ -14,10 +14,18 @@ if ! cargo +nightly fuzz --version 2>/dev/null | grep -q "^cargo-fuzz 0.13.2$"; 
     cargo +nightly install cargo-fuzz --version 0.13.2 --locked
 fi
 cd "$(dirname "$0")/../fuzz"
+# The committed lock file, as it is (as --locked does for the workspace).
+cargo +nightly metadata --locked --format-version 1 >/dev/null
 cargo +nightly fuzz build -O
+targets=$(cargo +nightly fuzz list)
+if [ -z "$targets" ]; then
+    echo "ci/fuzz.sh: cargo fuzz lists no targets" >&2
+    exit 1
+fi
 scratch=$(mktemp -d /tmp/teletun-fuzz.XXXXXX)
-trap 'rm -rf "$scratch"' EXIT INT TERM
-for target in $(cargo +nightly fuzz list); do
+trap 'rm -rf "$scratch"' EXIT
+trap 'exit 130' INT TERM
+for target in $targets; do
     echo "fuzz: $target for ${seconds} s"
     mkdir -p "$scratch/$target"
     # New inputs go to the scratch corpus; the seeds stay as committed.

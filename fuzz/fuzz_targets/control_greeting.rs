@@ -4,7 +4,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use teletun::proto::control::{HelloDecoder, ServerGreeting};
+use teletun::proto::control::{DecodeError, HelloDecoder, ServerGreeting};
 
 fuzz_target!(|data: &[u8]| {
     // The first byte picks where the stream is cut, as TCP may cut it.
@@ -17,7 +17,13 @@ fuzz_target!(|data: &[u8]| {
     }
     if let Ok(Some((ServerGreeting::Hello(hello), used))) = result {
         assert!(used <= stream.len());
-        let bytes = hello.encode().expect("a decoded greeting encodes");
+        let bytes = match hello.encode() {
+            Ok(b) => b,
+            // Addresses may print longer than they were written (`::ffff:0:0`
+            // is `::ffff:0.0.0.0`), past the list's limit: refused, not a bug.
+            Err(DecodeError::TooLong { .. }) => return,
+            Err(e) => panic!("a decoded greeting does not encode: {e}"),
+        };
         let again = HelloDecoder::new().feed(&bytes).expect("its encoding decodes");
         match again {
             Some((ServerGreeting::Hello(h), n)) => {

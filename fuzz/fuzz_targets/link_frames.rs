@@ -9,7 +9,7 @@ use std::sync::Mutex;
 
 use libfuzzer_sys::fuzz_target;
 use teletun::io::batch::PacketBatch;
-use teletun::io::offload::{split_frame, GSO_NONE, VIRTIO_HEADER_LEN};
+use teletun::io::offload::{gso_header_len, split_frame, VirtioHeader, GSO_NONE, VIRTIO_HEADER_LEN};
 use teletun::proto::link::LinkParams;
 use teletun::proto::packet::inspect;
 
@@ -29,6 +29,14 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(n) = split_frame(&mut frame, out, HEADROOM) {
         assert_eq!(n, out.len());
         let plain = data[1] == GSO_NONE;
+        if !plain {
+            // The segments' payloads, in order, are the super-packet's payload.
+            let header = VirtioHeader::decode(data).expect("it split");
+            let packet = &data[VIRTIO_HEADER_LEN..];
+            let (_, len) = gso_header_len(packet, &header).expect("it split");
+            let payload: Vec<u8> = (0..out.len()).flat_map(|i| out.get(i)[len..].to_vec()).collect();
+            assert_eq!(payload, &packet[len..], "segments do not carry the super-packet's payload");
+        }
         for i in 0..out.len() {
             assert_eq!(out.start(i), HEADROOM);
             let packet = out.get(i);

@@ -184,7 +184,7 @@ pub fn iperf(cluster: &Cluster, target: &str, seconds: u32, reverse: bool, strea
 
 /// User + system CPU seconds so far of the processes `pids` (all their
 /// threads), from /proc; a process that is gone counts 0.
-fn cpu_seconds(pids: &[u32]) -> f64 {
+pub fn cpu_seconds(pids: &[u32]) -> f64 {
     // SAFETY: sysconf only reads a constant.
     let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
     pids.iter()

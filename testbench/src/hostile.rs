@@ -402,6 +402,8 @@ pub struct FloodRun {
     pub generator: crate::exec::Background,
     /// Where it aims.
     pub at_server: bool,
+    /// The watched process, its CPU seconds and the time when the flood began.
+    target: (u32, f64, Instant),
     watching: Arc<AtomicBool>,
     watcher: Option<std::thread::JoinHandle<u64>>,
 }
@@ -425,14 +427,18 @@ impl FloodRun {
         FloodRun {
             generator,
             at_server,
+            target: (target, crate::bench::cpu_seconds(&[target]), Instant::now()),
             watching,
             watcher: Some(watcher),
         }
     }
 
     /// Stops the generator; returns its last output line (its counts, as
-    /// JSON) and the most open files the target had.
-    pub fn finish(mut self) -> Result<(serde_json::Value, u64)> {
+    /// JSON), the most open files the target had, and the share of one CPU
+    /// the target used while the flood ran.
+    pub fn finish(mut self) -> Result<(serde_json::Value, u64, f64)> {
+        let (pid, cpu_before, began) = self.target;
+        let cpu_share = (crate::bench::cpu_seconds(&[pid]) - cpu_before) / began.elapsed().as_secs_f64();
         self.generator.signal(libc::SIGTERM);
         let status = self.generator.wait(Duration::from_secs(15))?;
         let most_fds = self.stop_watching();
@@ -445,7 +451,7 @@ impl FloodRun {
         }
         let last = text.lines().last().unwrap_or("");
         let counts = serde_json::from_str(last).with_context(|| format!("the flood generator's counts: {last:?}"))?;
-        Ok((counts, most_fds))
+        Ok((counts, most_fds, cpu_share))
     }
 
     fn stop_watching(&mut self) -> u64 {

@@ -170,6 +170,14 @@ impl Layout {
         if !self.v6 && checksum::sum(&p[..self.ip]) != 0xffff {
             return false;
         }
+        // Only the form a split writes back may merge: a TCP checksum of
+        // 0xffff is the other zero (never computed), a UDP one of 0 means
+        // "none" (found in review: both came out of a split changed).
+        let at = self.ip + if self.protocol == TCP { 16 } else { 6 };
+        let field = u16::from_be_bytes([p[at], p[at + 1]]);
+        if (self.protocol == TCP && field == 0xffff) || (self.protocol == UDP && field == 0) {
+            return false;
+        }
         let pseudo = checksum::pseudo_header(&p[self.addresses()], self.protocol, (p.len() - self.ip) as u32);
         checksum::transport_valid(pseudo, &p[self.ip..])
     }
@@ -487,11 +495,11 @@ pub fn split_frame(frame: &mut [u8], out: &mut PacketBatch, headroom: usize) -> 
         out.push_at(headroom, packet);
         return Ok(1);
     }
-    let is_v6 = gso_headers_fit(packet, &header)?;
+    let (is_v6, header_len) = gso_header_len(packet, &header)?;
     let hdr = tun_rs::VirtioNetHdr {
         flags: header.flags,
-        gso_type: header.gso_type,
-        hdr_len: header.hdr_len,
+        gso_type: header.gso_type & !GSO_ECN,
+        hdr_len: header_len as u16,
         gso_size: header.gso_size,
         csum_start: header.csum_start,
         csum_offset: header.csum_offset,
@@ -523,39 +531,52 @@ pub fn split_frame(frame: &mut [u8], out: &mut PacketBatch, headroom: usize) -> 
     Ok(n)
 }
 
-/// Checks that a super-packet's own headers agree with its virtio header
-/// before it is cut by them: an IP header of the version the GSO type says,
-/// the transport header right after it (`csum_start`) and of that protocol,
-/// and `hdr_len` covering both. Returns whether it is IPv6. (The kernel's
-/// frames always agree; the fuzzer showed a frame that does not would be cut
-/// into segments with broken headers.)
-fn gso_headers_fit(packet: &[u8], header: &VirtioHeader) -> Result<bool, SplitError> {
+/// `gso_type`: the kernel may add this ECN bit to the type.
+const GSO_ECN: u8 = 0x80;
+
+/// Where a super-packet's headers end, read from the packet itself, after
+/// checking they agree with its virtio header: an IP header of the version
+/// the GSO type says, the transport header at `csum_start` (right after the
+/// IPv4 header; for IPv6 after its header and any extension headers) of the
+/// type's protocol. Returns whether it is IPv6 and the headers' length.
+///
+/// The virtio header's own `hdr_len` is not that length: the kernel sets it
+/// to the packet's linear part, which may hold payload too (a forwarded
+/// packet GRO built, say), and cutting by it would copy that payload into
+/// every segment. (A frame whose headers disagree with its virtio header is
+/// never cut by them either: the fuzzer showed it would give broken segments.)
+pub fn gso_header_len(packet: &[u8], header: &VirtioHeader) -> Result<(bool, usize), SplitError> {
     let bad = |what: &str| Err(SplitError::Malformed(format!("super-packet: {what}")));
-    let (is_v6, ip_len, protocol) = match packet[0] >> 4 {
-        4 if packet.len() >= 20 => (false, usize::from(packet[0] & 0x0f) * 4, packet[9]),
-        6 if packet.len() >= 40 => (true, 40, packet[6]),
+    let (is_v6, ip_len) = match packet.first().map(|b| b >> 4) {
+        Some(4) if packet.len() >= 20 => (false, usize::from(packet[0] & 0x0f) * 4),
+        Some(6) if packet.len() >= 40 => (true, 40),
         _ => return bad("no IPv4 or IPv6 header"),
     };
-    let (want_protocol, transport_len) = match header.gso_type {
+    let (protocol, transport_len) = match header.gso_type & !GSO_ECN {
         GSO_TCPV4 if !is_v6 => (TCP, 20),
         GSO_TCPV6 if is_v6 => (TCP, 20),
         GSO_UDP_L4 => (UDP, 8),
         t => return bad(&format!("GSO type {t} for an IPv{} packet", if is_v6 { 6 } else { 4 })),
     };
     let start = usize::from(header.csum_start);
-    let hdr_len = usize::from(header.hdr_len);
-    if ip_len < 20 || start != ip_len || protocol != want_protocol {
+    let placed = if is_v6 {
+        // Extension headers may come between; without them, the next header is the transport.
+        start > ip_len || (start == ip_len && packet[6] == protocol)
+    } else {
+        ip_len >= 20 && start == ip_len && packet[9] == protocol
+    };
+    if !placed {
         return bad("the transport header is not where the virtio header says");
     }
-    let tcp_len = if want_protocol == TCP && packet.len() > start + 12 {
-        usize::from(packet[start + 12] >> 4) * 4
-    } else {
-        transport_len
+    let len = match protocol {
+        TCP if packet.len() >= start + 20 => start + usize::from(packet[start + 12] >> 4) * 4,
+        TCP => return bad("no room for its TCP header"),
+        _ => start + transport_len,
     };
-    if tcp_len < transport_len || hdr_len < start + tcp_len || hdr_len > packet.len() || header.gso_size == 0 {
-        return bad("its header length does not cover its headers");
+    if len < start + transport_len || len > packet.len() || header.gso_size == 0 {
+        return bad("its headers do not fit it");
     }
-    Ok(is_v6)
+    Ok((is_v6, len))
 }
 
 /// Completes a checksum the sender left to us (`CHECKSUM_PARTIAL`): the sum

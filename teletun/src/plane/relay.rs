@@ -5,7 +5,7 @@ use std::io;
 
 use super::{Accept, DirectionStats};
 use crate::io::batch::{PacketBatch, BUFFER_SIZE};
-use crate::io::offload::{VirtioHeader, GSO_NONE, VIRTIO_HEADER_LEN};
+use crate::io::offload::{gso_header_len, VirtioHeader, GSO_NONE, VIRTIO_HEADER_LEN};
 use crate::io::sys::{self, StopSignal, Wake};
 use crate::io::{FrameSink, FrameSource};
 use crate::proto::packet;
@@ -23,11 +23,13 @@ pub fn frame_packets(frame: &[u8]) -> Option<(usize, packet::PacketInfo)> {
     if header.gso_type == GSO_NONE {
         return Some((1, info));
     }
-    let (hdr_len, gso_size) = (usize::from(header.hdr_len), usize::from(header.gso_size));
-    if gso_size == 0 || hdr_len > packet.len() || usize::from(header.csum_start) >= hdr_len {
-        return None;
-    }
-    Some(((packet.len() - hdr_len).div_ceil(gso_size).max(1), info))
+    let (_, header_len) = gso_header_len(packet, &header).ok()?;
+    Some((
+        (packet.len() - header_len)
+            .div_ceil(usize::from(header.gso_size))
+            .max(1),
+        info,
+    ))
 }
 
 /// Moves frames from `from` to `to`; with `check`, only well-formed frames

@@ -163,7 +163,21 @@ pub fn parse(text: &str) -> Result<Vec<Scenario>, Vec<Problem>> {
 
     let profiles: BTreeSet<String> = impairments.keys().cloned().collect();
     let mut cases = Vec::new();
-    for combination in matrix::combinations(&axes) {
+    let count = matrix::case_count(&axes);
+    let combinations = if count > matrix::MAX_CASES {
+        let span = root.get("matrix").map_or(whole.start..whole.start, |m| m.span());
+        problems.add(
+            span,
+            format!(
+                "the matrix makes {count} cases; at most {} are allowed: split the file or drop an axis",
+                matrix::MAX_CASES
+            ),
+        );
+        Vec::new()
+    } else {
+        matrix::combinations(&axes)
+    };
+    for combination in combinations {
         let topology = read_topology(topology, &combination, &mut problems);
         let mut case_steps = Vec::new();
         for raw in &steps {

@@ -21,6 +21,15 @@ pub struct Axis {
 /// One combination: a value for each axis.
 pub type Combination = Vec<(String, String)>;
 
+/// The most cases one file's matrix may make (the crash matrix makes 84):
+/// a few dozen short axes would otherwise ask for more cases than memory holds.
+pub const MAX_CASES: usize = 1000;
+
+/// How many cases the axes make (saturating).
+pub fn case_count(axes: &[Axis]) -> usize {
+    axes.iter().fold(1usize, |n, a| n.saturating_mul(a.values.len()))
+}
+
 /// Every combination of the axes' values, the first axis varying slowest.
 /// No axes give one empty combination (a scenario without a matrix is one case).
 pub fn combinations(axes: &[Axis]) -> Vec<Combination> {

@@ -328,3 +328,17 @@ do = 'compact-api'
 ";
     insta::assert_snapshot!(problems(text).join("\n"));
 }
+
+/// Found by the scenario_file fuzz target's review: a few hundred bytes of
+/// short axes would ask for more cases than memory holds.
+#[test]
+fn a_matrix_of_too_many_cases_is_refused() {
+    let axes: String = (0..11).map(|i| format!("a{i} = ['x', 'y']\n")).collect();
+    let found = problems(&format!("{NAME}[matrix]\n{axes}{START}"));
+    assert!(
+        found
+            .iter()
+            .any(|p| p.contains("the matrix makes 2048 cases; at most 1000")),
+        "{found:#?}"
+    );
+}

@@ -336,3 +336,45 @@ fn a_segment_with_a_bad_ipv4_header_checksum_is_not_merged() {
     assert_eq!(c.stats.merged, 1);
     assert_eq!(split(&frames), sent);
 }
+
+/// Found in review: the kernel's `hdr_len` is the packet's linear part,
+/// which may hold payload (a forwarded, GRO-built packet); cut by it, every
+/// segment would carry a copy of that payload. Splitting reads the headers'
+/// length from the packet instead.
+#[test]
+fn a_header_length_past_the_headers_does_not_copy_payload() {
+    let f = Flow {
+        v6: false,
+        udp: false,
+        port: 100,
+        options: 0,
+        seq: 1,
+        id: 1,
+    };
+    let sent = segments(&f, 500, 3, 500, 7);
+    let (mut frames, _) = coalesce(&sent, ALL);
+    assert_eq!(frames.len(), 1);
+    let mut header = VirtioHeader::decode(&frames[0]).unwrap();
+    header.hdr_len += 100;
+    header.encode(&mut frames[0]);
+    assert_eq!(split(&frames), sent);
+}
+
+/// The ECN bit the kernel may add to the GSO type does not stop a split.
+#[test]
+fn the_ecn_bit_of_the_gso_type_is_ignored() {
+    let f = Flow {
+        v6: true,
+        udp: false,
+        port: 100,
+        options: 0,
+        seq: 1,
+        id: 1,
+    };
+    let sent = segments(&f, 500, 3, 500, 7);
+    let (mut frames, _) = coalesce(&sent, ALL);
+    let mut header = VirtioHeader::decode(&frames[0]).unwrap();
+    header.gso_type |= 0x80;
+    header.encode(&mut frames[0]);
+    assert_eq!(split(&frames), sent);
+}

@@ -112,7 +112,7 @@ fn ten_seconds() -> u64 {
 
 /// Send `count` UDP packets with a forged address into the tunnel; none may
 /// arrive. `to-cluster`: from the laptop, with another pod's source address,
-/// to the app pod (one honest packet goes first and must arrive).
+/// to the app pod (one honest packet goes last and must arrive).
 /// `to-laptop`: from server-cluster's pod, to the laptop's LAN address
 /// through the tunnel (a server reaching past the client's own addresses).
 /// The receiving role counts them as spoofed (see `counter`).
