@@ -8,7 +8,7 @@ use std::net::IpAddr;
 use std::time::Duration;
 
 /// At most this many TLS handshakes run at once; further connections are
-/// closed at once (a handshake costs a signature, an accept nearly nothing).
+/// reset at once (a handshake costs a signature, an accept nearly nothing).
 pub const MAX_HANDSHAKES: usize = 256;
 /// How long an unauthenticated connection may take to finish TLS.
 pub const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(5);

@@ -141,7 +141,7 @@ pub async fn run(config: ServerExternalConfig) -> Result<()> {
                 Ok((tcp, peer)) => {
                     // Strangers get little before they authenticate: a few
                     // attempts a second per address, and a bounded number of
-                    // handshakes at once; the rest are closed at once.
+                    // handshakes at once; the rest are reset at once.
                     let now = clock.elapsed();
                     let permit = if limiter.allow(peer.ip(), now) {
                         shared.handshakes.clone().try_acquire_owned().map_err(|_| true)
@@ -151,6 +151,10 @@ pub async fn run(config: ServerExternalConfig) -> Result<()> {
                     let permit = match permit {
                         Ok(p) => p,
                         Err(over_cap) => {
+                            // A reset, not a close: no TIME_WAIT left behind
+                            // per stranger (thousands a second in a flood),
+                            // and no FIN exchange to finish.
+                            let _ = socket2::SockRef::from(&tcp).set_linger(Some(Duration::ZERO));
                             drop(tcp);
                             if let Some(line) = turnaways.note(over_cap, now) {
                                 warn!("{line}");
