@@ -402,8 +402,9 @@ pub struct FloodRun {
     pub generator: crate::exec::Background,
     /// Where it aims.
     pub at_server: bool,
-    /// The watched process, its CPU seconds and the time when the flood began.
-    target: (u32, f64, Instant),
+    /// The watched process and the generator, their CPU seconds when the
+    /// flood began, and when that was.
+    cpu_at_start: (u32, f64, f64, Instant),
     watching: Arc<AtomicBool>,
     watcher: Option<std::thread::JoinHandle<u64>>,
 }
@@ -412,6 +413,7 @@ impl FloodRun {
     /// Wraps a started generator and samples the open files of process
     /// `target` every 100 ms until [`FloodRun::finish`].
     pub fn watch(generator: crate::exec::Background, at_server: bool, target: u32) -> FloodRun {
+        let generator_pid = generator.child.id();
         let watching = Arc::new(AtomicBool::new(true));
         let flag = watching.clone();
         let watcher = std::thread::spawn(move || {
@@ -427,18 +429,27 @@ impl FloodRun {
         FloodRun {
             generator,
             at_server,
-            target: (target, crate::bench::cpu_seconds(&[target]), Instant::now()),
+            cpu_at_start: (
+                target,
+                crate::bench::cpu_seconds(&[target]),
+                crate::bench::cpu_seconds(&[generator_pid]),
+                Instant::now(),
+            ),
             watching,
             watcher: Some(watcher),
         }
     }
 
     /// Stops the generator; returns its last output line (its counts, as
-    /// JSON), the most open files the target had, and the share of one CPU
-    /// the target used while the flood ran.
-    pub fn finish(mut self) -> Result<(serde_json::Value, u64, f64)> {
-        let (pid, cpu_before, began) = self.target;
-        let cpu_share = (crate::bench::cpu_seconds(&[pid]) - cpu_before) / began.elapsed().as_secs_f64();
+    /// JSON), the most open files the target had, and the shares of one CPU
+    /// the target and the generator used while the flood ran.
+    pub fn finish(mut self) -> Result<(serde_json::Value, u64, (f64, f64))> {
+        let (pid, target_before, generator_before, began) = self.cpu_at_start;
+        let seconds = began.elapsed().as_secs_f64();
+        let cpu_share = (
+            (crate::bench::cpu_seconds(&[pid]) - target_before) / seconds,
+            (crate::bench::cpu_seconds(&[self.generator.child.id()]) - generator_before) / seconds,
+        );
         self.generator.signal(libc::SIGTERM);
         let status = self.generator.wait(Duration::from_secs(15))?;
         let most_fds = self.stop_watching();

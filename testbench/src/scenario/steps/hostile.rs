@@ -75,7 +75,7 @@ pub fn start_flood(case: &mut Case, s: &StartFlood) -> Result<()> {
 pub fn stop_flood(case: &mut Case, s: &StopFlood) -> Result<()> {
     let flood = case.flood.take().context("no flood is running (start-flood first)")?;
     let at_server = flood.at_server;
-    let (counts, most_fds, cpu_share) = flood.finish()?;
+    let (counts, most_fds, (cpu_share, generator_share)) = flood.finish()?;
     let external = case.cluster_mut().process_mut("server-external")?;
     if let Some(status) = external.child.try_wait()? {
         bail!(
@@ -92,13 +92,14 @@ pub fn stop_flood(case: &mut Case, s: &StopFlood) -> Result<()> {
     let reports = external.log_text().matches("turned away").count();
     let n = |k: &str| counts[k].as_u64().unwrap_or(0);
     let mut detail = format!(
-        "{} connects ({} connected, {} refused, {} failed, {} skipped), {} datagrams; server-external: {:.0}% of a CPU, peak RSS {:.1} MiB, at most {most_fds} open files, {reports} turn-away reports",
+        "{} connects ({} connected, {} refused, {} failed, {} skipped), {} datagrams, the generator using {:.0}% of a CPU; server-external: {:.0}% of a CPU, peak RSS {:.1} MiB, at most {most_fds} open files, {reports} turn-away reports",
         n("attempted"),
         n("connected"),
         n("refused"),
         n("failed"),
         n("skipped"),
         n("datagrams"),
+        100.0 * generator_share,
         100.0 * cpu_share,
         peak_kib as f64 / 1024.0
     );
