@@ -2,7 +2,7 @@
 # Installs what building TeleTUN and running its tests and testbench need on a
 # fresh Debian/Ubuntu machine. Run as root. Safe to run again.
 set -eu
-packages="libssl-dev pkg-config iperf3 dnsmasq-base nftables iputils-ping"
+packages="libssl-dev pkg-config iperf3 dnsmasq-base nftables iputils-ping conntrack"
 missing=""
 for p in $packages; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing="$missing $p"

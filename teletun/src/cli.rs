@@ -30,6 +30,8 @@ pub enum Command {
     ServerCluster(ServerClusterArgs),
     /// Undo what dead `teletun client` instances left behind (DNS entries).
     Cleanup,
+    /// Show what each running client on this machine is doing (`-v`: list routes).
+    Status(StatusArgs),
     /// Create a key pair: PREFIX.key (private, 0600) and PREFIX.pub.
     Keygen(KeygenArgs),
     /// Internal: the client's cleanup guard (reads instructions on stdin).
@@ -84,6 +86,39 @@ pub struct ClientArgs {
     /// TUN device name; `%d` is replaced by the first free number.
     #[arg(long, value_name = "NAME", default_value = "tel%d")]
     pub tun_name: String,
+    /// Stop trying to repair a lost session after this long (e.g. `30s`,
+    /// `5m`, `2h`) and exit; by default the client keeps trying until
+    /// stopped, or until the server refuses it for good (a key mismatch, a
+    /// pod that is gone).
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub give_up_after: Option<std::time::Duration>,
+}
+
+/// A duration as a number with a unit: `500ms`, `30s`, `5m`, `2h` (a bare
+/// number is seconds).
+pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("`{text}` is not a duration: write a whole number and a unit, e.g. 30s, 5m, 2h"))?;
+    let seconds = match unit {
+        "ms" => return Ok(std::time::Duration::from_millis(n)),
+        "" | "s" => n,
+        "m" => n.saturating_mul(60),
+        "h" => n.saturating_mul(3600),
+        other => return Err(format!("unknown unit `{other}` in `{text}`: use ms, s, m or h")),
+    };
+    Ok(std::time::Duration::from_secs(seconds))
+}
+
+/// `teletun status`.
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// Print the reports as JSON, one object per client in a list.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `teletun server-external`.
@@ -285,5 +320,18 @@ mod tests {
         ])
         .is_err());
         assert!(parse(&["teletun", "frobnicate"]).is_err());
+    }
+
+    #[test]
+    fn durations_have_units_and_bad_ones_say_how() {
+        use std::time::Duration;
+        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("45"), Ok(Duration::from_secs(45)));
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert!(parse_duration("soon").unwrap_err().contains("e.g. 30s"));
+        assert!(parse_duration("3d").unwrap_err().contains("unknown unit `d`"));
+        assert!(parse_duration("").is_err());
     }
 }

@@ -21,4 +21,5 @@ pub mod netconf;
 pub mod plane;
 pub mod proto;
 pub mod roles;
+pub mod status;
 pub mod tunnel;

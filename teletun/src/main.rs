@@ -84,10 +84,36 @@ fn network_facing_runtime() -> Result<tokio::runtime::Runtime> {
         .build()?)
 }
 
+/// `teletun status`: every running client's report, as text or JSON.
+async fn print_status(json: bool, verbose: bool) -> Result<()> {
+    use teletun::status::{self, Answer};
+    let answers = status::query_all().await;
+    let now = status::unix_now();
+    let mut reports = Vec::new();
+    for a in answers {
+        match a {
+            Answer::Report(r) => reports.push(*r),
+            Answer::Stale(path) => eprintln!("teletun: removed {}: its client is gone", path.display()),
+            Answer::Broken(path, why) => eprintln!("teletun: {}: {why}", path.display()),
+        }
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&reports)?);
+    } else if reports.is_empty() {
+        println!("no teletun client runs on this machine");
+    } else {
+        for r in &reports {
+            println!("{}", status::render(r, verbose, now));
+        }
+    }
+    Ok(())
+}
+
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Keygen(a) => roles::keygen::run(&a.out),
         Command::Cleanup => runtime()?.block_on(roles::cleanup::run()),
+        Command::Status(a) => runtime()?.block_on(print_status(a.json, cli.verbose > 0)),
         Command::Guard => runtime()?.block_on(roles::guard::run()),
         Command::Client(a) => {
             let identity = keys::load_identity(&a.client_privkey, a.insecure_key_permissions)?;
@@ -117,6 +143,7 @@ fn run(cli: Cli) -> Result<()> {
                 tun_name: a.tun_name,
                 no_dns: a.no_dns,
                 transport: Transport::default(),
+                give_up_after: a.give_up_after,
             };
             runtime()?.block_on(client::run(config))
         }

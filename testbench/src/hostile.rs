@@ -400,7 +400,8 @@ fn link_probe(path: &std::path::Path) -> String {
 pub struct FloodRun {
     /// The generator.
     pub generator: crate::exec::Background,
-    /// Where it aims.
+    /// Whether server-external must report turning it away (connections
+    /// aimed at it).
     pub at_server: bool,
     /// The watched process and the generator, their CPU seconds when the
     /// flood began, and when that was.

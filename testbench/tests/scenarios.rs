@@ -127,7 +127,7 @@ fn resolved_routes_only_cluster_names_to_the_cluster() {
 }
 
 #[test]
-fn server_failures_end_the_session_cleanly() {
+fn server_failures_end_a_session_that_gives_up_cleanly() {
     run_scenario("server-failures.toml");
 }
 
@@ -149,6 +149,21 @@ fn cleanup_undoes_only_dead_clients() {
 #[test]
 fn hostile_networks_and_peers_are_refused_and_counted() {
     run_scenario("hostile.toml");
+}
+
+#[test]
+fn sessions_survive_address_changes_nat_rebinding_and_uplink_switches() {
+    run_scenario("roaming.toml");
+}
+
+#[test]
+fn sessions_survive_sleep_and_server_restarts() {
+    run_scenario("sleep-and-restarts.toml");
+}
+
+#[test]
+fn a_sprayer_behind_the_laptops_nat_keeps_no_client_out() {
+    run_scenario("sprayer.toml");
 }
 
 #[test]

@@ -79,6 +79,31 @@ impl Udp {
             .with_context(|| format!("cannot reach {peer} over UDP"))
     }
 
+    /// Connects to `peer` afresh, so the kernel picks the source address
+    /// (and port) the current routes give: after this machine's address
+    /// changed, the socket speaks from the new one. The session goes on; the
+    /// peer follows its next authentic record.
+    pub fn repath(&self, peer: SocketAddr) -> Result<()> {
+        // SAFETY: a zeroed sockaddr with family AF_UNSPEC dissolves the
+        // association (connect(2)); the length is that of the struct passed.
+        let r = unsafe {
+            let mut unspec: libc::sockaddr = std::mem::zeroed();
+            unspec.sa_family = libc::AF_UNSPEC as libc::sa_family_t;
+            libc::connect(
+                self.fd(),
+                &unspec,
+                std::mem::size_of::<libc::sockaddr>() as libc::socklen_t,
+            )
+        };
+        if r < 0 {
+            return Err(anyhow!(
+                "cannot dissolve the UDP socket's association: {}",
+                io::Error::last_os_error()
+            ));
+        }
+        self.connect(peer)
+    }
+
     /// Whether sends are segmented by the kernel (GSO) and receives coalesced (GRO).
     pub fn offloads(&self) -> (bool, bool) {
         (self.gso.load(Ordering::Relaxed), self.gro)
@@ -238,6 +263,23 @@ mod tests {
         cell.set(b);
         assert_eq!(r.get(), Some(b));
         assert_eq!(r.get(), Some(b));
+    }
+
+    #[test]
+    fn a_repathed_socket_keeps_its_peer_and_still_reaches_it() {
+        let peer = Udp::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let to = peer.local_addr().unwrap();
+        let u = Udp::bind("0.0.0.0:0".parse().unwrap()).unwrap();
+        u.connect(to).unwrap();
+        u.repath(to).unwrap();
+        let mut b = PacketBatch::new();
+        b.push(b"after");
+        assert_eq!(u.send(&b, None).unwrap(), 0);
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let mut got = PacketBatch::new();
+        assert_eq!(peer.recv(&mut got).unwrap(), 1);
+        assert_eq!(got.get(0), b"after");
+        assert_eq!(got.peer(0).map(|p| p.ip()), Some(u.local_addr().unwrap().ip()));
     }
 
     #[test]

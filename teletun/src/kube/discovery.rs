@@ -2,23 +2,50 @@
 
 use std::net::IpAddr;
 
-use anyhow::{anyhow, bail, Result};
+use anyhow::anyhow;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::Api;
 
 use super::Kube;
 
+/// Why server-external could not be found.
+#[derive(Debug, thiserror::Error)]
+#[error("{error:#}")]
+pub struct LookupError {
+    /// What went wrong.
+    pub error: anyhow::Error,
+    /// Trying again will not help: the pod is gone, or the API refuses us.
+    pub lasting: bool,
+}
+
+/// Whether the API's answer will be the same next time: not found, or not allowed.
+fn lasting(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(s) if matches!(s.code, 401 | 403 | 404))
+}
+
 /// The address to dial: the ExternalIP of the node that runs pod `name`,
 /// else its InternalIP.
-pub async fn server_address(kube: &Kube, name: &str) -> Result<IpAddr> {
+pub async fn server_address(kube: &Kube, name: &str) -> Result<IpAddr, LookupError> {
     let ns = kube.namespace.as_str();
     let pods: Api<Pod> = Api::namespaced(kube.client.clone(), ns);
+    let passing = |error: anyhow::Error| LookupError { error, lasting: false };
     let pod = match pods.get(name).await {
         Ok(p) => p,
         Err(kube::Error::Api(s)) if s.code == 404 => {
-            bail!("pod {name} not found in namespace {ns}: is server-external deployed there? (-pod, --namespace)")
+            return Err(LookupError {
+                error: anyhow!(
+                    "pod {name} not found in namespace {ns}: is server-external deployed there? (-pod, --namespace)"
+                ),
+                lasting: true,
+            })
         }
-        Err(e) => return Err(kube.explain(e, "get", "pods", Some(ns))),
+        Err(e) => {
+            let lasting = lasting(&e);
+            return Err(LookupError {
+                error: kube.explain(e, "get", "pods", Some(ns)),
+                lasting,
+            });
+        }
     };
     let phase = pod
         .status
@@ -26,20 +53,28 @@ pub async fn server_address(kube: &Kube, name: &str) -> Result<IpAddr> {
         .and_then(|s| s.phase.clone())
         .unwrap_or_else(|| "Unknown".into());
     if phase != "Running" {
-        bail!("pod {ns}/{name} is {phase}, not Running: wait until server-external runs");
+        return Err(passing(anyhow!(
+            "pod {ns}/{name} is {phase}, not Running: wait until server-external runs"
+        )));
     }
     let node_name = pod
         .spec
         .as_ref()
         .and_then(|s| s.node_name.clone())
-        .ok_or_else(|| anyhow!("pod {ns}/{name} is not on a node"))?;
+        .ok_or_else(|| passing(anyhow!("pod {ns}/{name} is not on a node")))?;
     let nodes: Api<Node> = Api::all(kube.client.clone());
-    let node = nodes
-        .get(&node_name)
-        .await
-        .map_err(|e| kube.explain(e, "get", "nodes", None))?;
-    node_address(&node)
-        .ok_or_else(|| anyhow!("node {node_name} has no ExternalIP or InternalIP address; pass --server-address ADDR"))
+    let node = nodes.get(&node_name).await.map_err(|e| {
+        let lasting = lasting(&e);
+        LookupError {
+            error: kube.explain(e, "get", "nodes", None),
+            lasting,
+        }
+    })?;
+    node_address(&node).ok_or_else(|| {
+        passing(anyhow!(
+            "node {node_name} has no ExternalIP or InternalIP address; pass --server-address ADDR"
+        ))
+    })
 }
 
 /// A node's ExternalIP, else its InternalIP.

@@ -55,6 +55,48 @@ pub fn interface_name(index: u32) -> Option<String> {
     Some(String::from_utf8_lossy(&buf[..end]).into_owned())
 }
 
+/// Tells when this machine's links, addresses or routes change (the kernel's
+/// rtnetlink multicast groups, as `ip monitor` hears them).
+pub struct ChangeWatch {
+    events: futures::channel::mpsc::UnboundedReceiver<(
+        rtnetlink::packet_core::NetlinkMessage<rtnetlink::packet_route::RouteNetlinkMessage>,
+        rtnetlink::sys::SocketAddr,
+    )>,
+    connection: tokio::task::JoinHandle<()>,
+}
+
+impl ChangeWatch {
+    /// Subscribes (the connection runs on the current tokio runtime).
+    pub fn start() -> Result<Self> {
+        use rtnetlink::MulticastGroup as G;
+        let groups = [G::Link, G::Ipv4Ifaddr, G::Ipv4Route, G::Ipv6Ifaddr, G::Ipv6Route];
+        let (conn, _, events) =
+            rtnetlink::new_multicast_connection(&groups).context("cannot watch this machine's addresses and routes")?;
+        Ok(ChangeWatch {
+            events,
+            connection: tokio::spawn(conn),
+        })
+    }
+
+    /// Waits for a change; a burst (an address and its routes) counts once:
+    /// the rest of it is taken within `settle`.
+    pub async fn changed(&mut self, settle: std::time::Duration) {
+        use futures::StreamExt;
+        if self.events.next().await.is_none() {
+            // The socket is gone: nothing will ever be heard again.
+            std::future::pending::<()>().await;
+        }
+        let deadline = tokio::time::Instant::now() + settle;
+        while let Ok(Some(_)) = tokio::time::timeout_at(deadline, self.events.next()).await {}
+    }
+}
+
+impl Drop for ChangeWatch {
+    fn drop(&mut self) {
+        self.connection.abort();
+    }
+}
+
 /// A connection to the kernel's routing subsystem.
 #[derive(Clone)]
 pub struct Netlink {
@@ -93,6 +135,17 @@ impl Netlink {
             .execute()
             .await
             .with_context(|| format!("cannot set gso_max_segs {segments} on interface {index}"))
+    }
+
+    /// Sets interface `index`'s MTU.
+    pub async fn set_mtu(&self, index: u32, mtu: u32) -> Result<()> {
+        let msg = rtnetlink::LinkUnspec::new_with_index(index).mtu(mtu).build();
+        self.handle
+            .link()
+            .set(msg)
+            .execute()
+            .await
+            .with_context(|| format!("cannot set MTU {mtu} on interface {index}"))
     }
 
     /// Adds `address/prefix` to interface `index`. IPv6 addresses skip duplicate

@@ -13,9 +13,13 @@ pub fn handshake(udp: &Udp, hs: &mut dyn Handshake, stop: Option<&StopSignal>) -
     let mut outbox = PacketBatch::with_capacity(16, 16384);
     let failed = |e: std::io::Error| TunnelError::Failed(e.to_string());
     loop {
-        outbox.clear();
-        let dest = hs.poll_transmit(&mut outbox);
-        if !outbox.is_empty() {
+        // Everything due, each batch to its own address.
+        loop {
+            outbox.clear();
+            let dest = hs.poll_transmit(&mut outbox);
+            if outbox.is_empty() {
+                break;
+            }
             udp.send(&outbox, dest).map_err(failed)?;
         }
         // The last flight went out above; now the result.

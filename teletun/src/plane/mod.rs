@@ -48,11 +48,28 @@ pub struct DirectionStats {
     /// Packets dropped for an address the peer may not use (a source other
     /// than the pod's, a destination other than the tunnel's).
     pub spoofed: AtomicU64,
+    /// When the peer last sent something authentic (a heartbeat counts), in
+    /// nanoseconds on the tunnel's clock ([`crate::tunnel::now`]); 0: never.
+    pub last_heard: AtomicU64,
 }
 
 impl DirectionStats {
     pub(crate) fn add(counter: &AtomicU64, n: impl TryInto<u64>) {
         counter.fetch_add(n.try_into().unwrap_or(0), Ordering::Relaxed);
+    }
+
+    /// Notes that the peer was heard from at `now`.
+    pub(crate) fn heard(&self, now: crate::tunnel::Time) {
+        let nanos = u64::try_from(now.as_nanos()).unwrap_or(u64::MAX);
+        self.last_heard.fetch_max(nanos, Ordering::Relaxed);
+    }
+
+    /// How long the peer has been silent at `now`; `None` if never heard.
+    pub fn silent_for(&self, now: crate::tunnel::Time) -> Option<std::time::Duration> {
+        match self.last_heard.load(Ordering::Relaxed) {
+            0 => None,
+            n => Some(now.saturating_sub(std::time::Duration::from_nanos(n))),
+        }
     }
 
     /// One line for logs.

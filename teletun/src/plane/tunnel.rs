@@ -105,6 +105,9 @@ pub(super) fn run_inbound<K: FrameSink>(
                 .decapsulate(tunnel::now(), &mut batch, &mut packets, &mut reply)
                 .map_err(to_io)?;
             DirectionStats::add(&stats.refused, opened.dropped);
+            if opened.authentic {
+                stats.heard(tunnel::now());
+            }
             if let Some(moved) = opened.peer_moved {
                 peer.set(moved);
                 tracing::info!("the peer moved to {moved}");

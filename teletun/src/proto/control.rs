@@ -154,6 +154,17 @@ impl Hello {
     }
 }
 
+/// How a refusal starts when the server already serves a session; temporary.
+pub const REFUSED_BUSY: &str = "busy: ";
+/// How a refusal starts when server-cluster is not connected; temporary.
+pub const REFUSED_NO_CLUSTER: &str = "server-cluster is not connected";
+
+/// Whether a refusal may change if the client tries again later (a
+/// reconnecting client keeps trying; any other refusal ends it).
+pub fn refusal_is_temporary(reason: &str) -> bool {
+    reason.starts_with(REFUSED_BUSY) || reason.starts_with(REFUSED_NO_CLUSTER)
+}
+
 /// Encodes a refusal (the TeleTUN extension described in the module docs).
 /// The reason is cut to [`MAX_REFUSAL_LEN`] bytes and NULs are dropped.
 pub fn encode_refusal(reason: &str) -> Vec<u8> {

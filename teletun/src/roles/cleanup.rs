@@ -25,6 +25,8 @@ pub async fn undo_record(netlink: &Netlink, rec: &Record, path: &Path) -> Result
             dns::unregister(rec.dns_entry()).await?;
         }
     }
+    // Its status socket, which nobody answers on any more.
+    let _ = std::fs::remove_file(crate::status::socket_path(&rec.iface));
     match std::fs::remove_file(path) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}

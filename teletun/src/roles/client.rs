@@ -20,14 +20,15 @@ use crate::keys::{Identity, PinnedKey};
 use crate::kube::{discovery, networks, Kube, KubeOptions};
 use crate::netconf::dns::DnsManager;
 use crate::netconf::forwarder::{self, Forwarder, Sources};
-use crate::netconf::netlink::Netlink;
+use crate::netconf::netlink::{ChangeWatch, Netlink};
 use crate::netconf::record::Record;
 use crate::netconf::routes::RouteKeeper;
 use crate::plane::{self, Accept, DataPlane, Names};
 use crate::proto::control::{Hello, ServerGreeting};
 use crate::proto::dns::SplitDomains;
 use crate::proto::resolv_conf::{self, ResolvConf};
-use crate::tunnel::{Transport, TunnelError};
+use crate::status::{self, Board, State, StatusServer};
+use crate::tunnel::{Session, Transport, TunnelError};
 
 use super::cleanup;
 use super::guard::Guard;
@@ -64,20 +65,26 @@ pub struct ClientConfig {
     pub no_dns: bool,
     /// The data plane's transport.
     pub transport: Transport,
+    /// Stop reconnecting a lost session after this long (`None`: never).
+    pub give_up_after: Option<Duration>,
 }
 
-/// How long to wait for TCP connect, TLS and the greeting.
+/// How long the first connection waits for TCP connect, TLS and the greeting.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// A reconnection's TCP connect: short, so that a server back after an
+/// outage is found at the next attempt, not after SYN retransmissions.
+const RECONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// A reconnection's TLS handshake and greeting.
+const RECONNECT_STEP_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long a burst of address and route changes takes to settle.
+const SETTLE: Duration = Duration::from_millis(20);
 
-/// Why the session ended.
+/// Why the client stops.
 #[derive(Debug)]
 enum End {
     Signal(&'static str),
-    ServerClosed,
-    ServerVanished,
-    ServerSilent,
-    ControlFailed(String),
-    DataPlane(String),
+    /// The session was lost and could not be repaired: why.
+    GaveUp(String),
 }
 
 /// SIGINT and SIGTERM as one stream.
@@ -112,11 +119,16 @@ struct Changes {
     dns: Option<(DnsManager, u32)>,
     /// The split-DNS forwarder (with resolvconf), stopped after the DNS entry goes.
     forwarder: Option<Forwarder>,
+    /// The status socket (`teletun status`), gone with the record.
+    status: Option<StatusServer>,
 }
 
 /// The live view of the cluster's networks.
 struct ClusterView {
     kube: Kube,
+    /// The server-external pod, when the server's address comes from the API
+    /// (looked up again before each reconnection: the pod may have moved).
+    pod: Option<String>,
     networks: tokio::sync::watch::Receiver<BTreeSet<IpNet>>,
     watcher: tokio::task::JoinHandle<()>,
 }
@@ -127,7 +139,7 @@ impl Drop for ClusterView {
     }
 }
 
-/// Runs the client until a signal or the server ends the session.
+/// Runs the client until a signal, or until a lost session cannot be repaired.
 pub async fn run(mut config: ClientConfig) -> Result<()> {
     let started = std::time::Instant::now();
     // Undo what dead instances left before adding anything.
@@ -136,7 +148,8 @@ pub async fn run(mut config: ClientConfig) -> Result<()> {
     let cluster = match config.kube.clone() {
         Some(target) => {
             let kube = Kube::connect(&target.options).await?;
-            if config.server.ip().is_unspecified() {
+            let discover = config.server.ip().is_unspecified();
+            if discover {
                 let ip = discovery::server_address(&kube, &target.pod).await?;
                 info!(
                     "server-external {}/{} runs on a node reachable at {ip}",
@@ -147,6 +160,7 @@ pub async fn run(mut config: ClientConfig) -> Result<()> {
             let (networks, watcher) = networks::watch(&kube).await?;
             Some(ClusterView {
                 kube,
+                pod: discover.then_some(target.pod),
                 networks,
                 watcher,
             })
@@ -164,6 +178,7 @@ pub async fn run(mut config: ClientConfig) -> Result<()> {
         tun: None,
         dns: None,
         forwarder: None,
+        status: None,
     };
     // A signal during set-up drops `session` at its current step; `undo` follows.
     let outcome = session(&config, cluster.as_ref(), keeper, &mut changes, &mut signals, started).await;
@@ -175,25 +190,7 @@ pub async fn run(mut config: ClientConfig) -> Result<()> {
             info!("stopped by {sig}; removed the tunnel and its DNS entry");
             Ok(())
         }
-        End::ServerClosed => {
-            bail!("the server ended the session (control connection closed); removed the tunnel and its DNS entry")
-        }
-        End::ServerVanished => bail!(
-            "the server at {} went away without ending the session (connection closed without TLS close_notify); \
-             removed the tunnel and its DNS entry",
-            config.server
-        ),
-        End::ServerSilent => bail!(
-            "nothing heard from the server at {} for {} s: the network path or the server is gone; \
-             removed the tunnel and its DNS entry",
-            config.server,
-            crate::tunnel::liveness::SILENCE_LIMIT.as_secs()
-        ),
-        End::ControlFailed(e) => bail!(
-            "lost the control connection to {}: {e}; removed the tunnel and its DNS entry",
-            config.server
-        ),
-        End::DataPlane(e) => bail!("the data plane failed: {e}; removed the tunnel and its DNS entry"),
+        End::GaveUp(why) => bail!("{why}; removed the tunnel and its DNS entry"),
     }
 }
 
@@ -213,6 +210,7 @@ async fn undo(changes: &mut Changes) -> Result<()> {
     crate::crashpoint::reached("mid-teardown").await;
     // Closing the last descriptor deletes the TUN device, and its addresses and routes with it.
     changes.tun = None;
+    changes.status = None;
     if let Some(record) = changes.record.take() {
         if let Err(e) = record.remove() {
             first_error.get_or_insert(e);
@@ -230,28 +228,180 @@ async fn undo(changes: &mut Changes) -> Result<()> {
     }
 }
 
-fn explain_tls(e: std::io::Error, config: &ClientConfig) -> anyhow::Error {
-    match tls::key_mismatch(&e) {
-        Some(KeyMismatch::PeerKeyNotPinned) => anyhow!(
-            "the server at {} presented a key that is not the server public key {}; check --server-pubkey",
-            config.server,
-            config.server_key.path.display()
-        ),
-        Some(KeyMismatch::OurKeyRefused) => anyhow!(
-            "the server at {} refused our client key ({}): it pins a different client public key; check the server's --client-pubkey",
-            config.server,
-            config.identity_path.display()
-        ),
-        None => anyhow!("TLS with {} failed: {e}", config.server),
+/// A failed attempt to connect, and whether trying again can help.
+#[derive(Debug)]
+struct Failure {
+    error: anyhow::Error,
+    /// Trying again will not help: a key the other side refuses, a refusal
+    /// that lasts, a pod that is gone.
+    lasting: bool,
+}
+
+impl Failure {
+    fn lasting(error: anyhow::Error) -> Self {
+        Failure { error, lasting: true }
     }
 }
 
-/// A running tunnel.
-struct Tunnel {
-    control: tokio_rustls::client::TlsStream<TcpStream>,
-    plane: DataPlane,
+impl From<anyhow::Error> for Failure {
+    fn from(error: anyhow::Error) -> Self {
+        Failure { error, lasting: false }
+    }
+}
+
+impl From<std::io::Error> for Failure {
+    fn from(error: std::io::Error) -> Self {
+        anyhow::Error::from(error).into()
+    }
+}
+
+fn explain_tls(e: std::io::Error, server: SocketAddr, config: &ClientConfig) -> Failure {
+    match tls::key_mismatch(&e) {
+        Some(KeyMismatch::PeerKeyNotPinned) => Failure::lasting(anyhow!(
+            "the server at {server} presented a key that is not the server public key {}; check --server-pubkey",
+            config.server_key.path.display()
+        )),
+        Some(KeyMismatch::OurKeyRefused) => Failure::lasting(anyhow!(
+            "the server at {server} refused our client key ({}): it pins a different client public key; check the server's --client-pubkey",
+            config.identity_path.display()
+        )),
+        None => anyhow!("TLS with {server} failed: {e}").into(),
+    }
+}
+
+/// A control connection that has delivered the server's greeting.
+struct Control {
+    server: SocketAddr,
+    stream: tokio_rustls::client::TlsStream<TcpStream>,
+    hello: Hello,
+}
+
+impl Control {
+    /// Leaves politely (TLS close_notify, then FIN), so the server frees the
+    /// slot at once.
+    async fn leave(&mut self) {
+        let _ = tokio::time::timeout(
+            Duration::from_secs(1),
+            tokio::io::AsyncWriteExt::shutdown(&mut self.stream),
+        )
+        .await;
+    }
+}
+
+/// Connects to server-external, runs TLS and reads the greeting.
+async fn connect_control(
+    config: &ClientConfig,
+    server: SocketAddr,
+    connect_timeout: Duration,
+    step_timeout: Duration,
+) -> Result<Control, Failure> {
+    let tcp = tokio::time::timeout(connect_timeout, TcpStream::connect(server))
+        .await
+        .map_err(|_| {
+            anyhow!("no answer from {server} within {connect_timeout:?}; is server-external running and reachable?")
+        })?
+        .with_context(|| format!("cannot connect to {server}"))?;
+    channel::tune_tcp(&tcp)?;
+    let connector = tokio_rustls::TlsConnector::from(tls::client_config(&config.identity, config.server_key.clone())?);
+    let name = rustls::pki_types::ServerName::try_from(tls::SERVER_NAME).expect("static name is valid");
+    let mut stream = tokio::time::timeout(step_timeout, connector.connect(name, tcp))
+        .await
+        .map_err(|_| anyhow!("TLS handshake with {server} timed out"))?
+        .map_err(|e| explain_tls(e, server, config))?;
+    let greeting = tokio::time::timeout(step_timeout, read_greeting(&mut stream))
+        .await
+        .map_err(|_| anyhow!("{server} sent no addresses within {step_timeout:?}"))?
+        .map_err(|e| match e.downcast::<std::io::Error>() {
+            Ok(io) => explain_tls(io, server, config),
+            Err(e) => e.into(),
+        })?;
+    match greeting {
+        ServerGreeting::Hello(hello) => Ok(Control { server, stream, hello }),
+        ServerGreeting::Refused(why) => {
+            let error = anyhow!("the server at {server} refused the session: {why}");
+            Err(Failure {
+                error,
+                lasting: !crate::proto::control::refusal_is_temporary(&why),
+            })
+        }
+    }
+}
+
+/// The data plane's handshake with the server that just greeted us.
+struct DataLink {
+    session: Session,
+    /// What was negotiated ("DTLS 1.2 …").
+    description: String,
+    udp: Arc<Udp>,
+    path_mtu: usize,
+    /// The largest packet a record carries on this path: the TUN's MTU.
+    tunnel_mtu: usize,
+}
+
+async fn data_handshake(config: &ClientConfig, server: SocketAddr) -> Result<DataLink, Failure> {
+    let any = if server.is_ipv6() {
+        IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED)
+    } else {
+        IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)
+    };
+    let udp = Udp::bind(SocketAddr::new(any, 0))?;
+    udp.connect(server)?;
+    let path_mtu = udp.path_mtu(server.is_ipv6())?;
+    let payload = udp::udp_payload(path_mtu, server.is_ipv6());
+    let mut hs = config.transport.client(
+        crate::tunnel::now(),
+        &config.identity,
+        config.server_key.clone(),
+        payload,
+    )?;
+    let udp = Arc::new(udp);
+    let shaking = udp.clone();
+    let result = tokio::task::spawn_blocking(move || plane::handshake(&shaking, hs.as_mut(), None))
+        .await
+        .map_err(anyhow::Error::from)?;
+    let session = match result {
+        Ok(s) => s,
+        Err(TunnelError::PeerKeyNotPinned(p)) => {
+            return Err(Failure::lasting(anyhow!(
+                "the server's data-plane key is not the server public key {p}"
+            )))
+        }
+        Err(TunnelError::OurKeyRefused) => {
+            return Err(Failure::lasting(anyhow!(
+                "the server refused our client key in the data-plane handshake"
+            )))
+        }
+        Err(e) => return Err(anyhow!("data-plane handshake with {server} failed: {e}").into()),
+    };
+    let (gso, gro) = udp.offloads();
+    let tunnel_mtu = payload - config.transport.overhead();
+    info!(
+        "{} up with {server}; path MTU {path_mtu}, tunnel MTU {tunnel_mtu}; UDP GSO {}, GRO {}",
+        session.description,
+        on_off(gso),
+        on_off(gro)
+    );
+    Ok(DataLink {
+        description: session.description.clone(),
+        session,
+        udp,
+        path_mtu,
+        tunnel_mtu,
+    })
+}
+
+/// What the first connection set up on this machine, kept while the session
+/// is repaired: the TUN device, its addresses, routes and DNS.
+struct Installed {
+    tun: Arc<Tun>,
+    /// What `teletun status` reports.
+    board: Arc<Board>,
+    /// The pod's addresses, on the TUN.
+    addresses: Vec<IpAddr>,
+    resolv_conf: String,
+    tunnel_mtu: usize,
     /// Keeps the cluster routes in step with the API.
-    routes: Option<tokio::task::JoinHandle<()>>,
+    _routes: AbortOnDrop,
 }
 
 struct AbortOnDrop(Option<tokio::task::JoinHandle<()>>);
@@ -264,6 +414,62 @@ impl Drop for AbortOnDrop {
     }
 }
 
+impl Installed {
+    /// Follows what a new connection says: the pod's addresses (a new pod
+    /// may have others) and the path's MTU (a new uplink may have another).
+    async fn adopt(&mut self, hello: &Hello, link: &DataLink) -> Result<()> {
+        let netlink = Netlink::connect()?;
+        let index = self.tun.index()?;
+        if hello.addresses != self.addresses {
+            for &old in self.addresses.iter().filter(|a| !hello.addresses.contains(a)) {
+                netlink.del_address(index, old, host_prefix(old)).await?;
+            }
+            for &new in hello.addresses.iter().filter(|a| !self.addresses.contains(a)) {
+                netlink.add_address(index, new, host_prefix(new)).await?;
+            }
+            info!(
+                "the pod's addresses changed from {} to {}; {} follows",
+                list(&self.addresses),
+                list(&hello.addresses),
+                self.tun.name()
+            );
+            self.addresses = hello.addresses.clone();
+        }
+        if hello.resolv_conf != self.resolv_conf {
+            warn!("the pod's resolv.conf changed; the cluster's DNS stays as registered at start (restart the client to take the new one)");
+            self.resolv_conf = hello.resolv_conf.clone();
+        }
+        if link.tunnel_mtu != self.tunnel_mtu {
+            let mtu = u32::try_from(link.tunnel_mtu).unwrap_or(u32::MAX);
+            netlink.set_mtu(index, mtu).await?;
+            info!(
+                "{} MTU {} → {} (path MTU {})",
+                self.tun.name(),
+                self.tunnel_mtu,
+                link.tunnel_mtu,
+                link.path_mtu
+            );
+            self.tunnel_mtu = link.tunnel_mtu;
+        }
+        Ok(())
+    }
+}
+
+fn host_prefix(a: IpAddr) -> u8 {
+    if a.is_ipv4() {
+        32
+    } else {
+        128
+    }
+}
+
+fn list(addresses: &[IpAddr]) -> String {
+    addresses.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+}
+
+/// Connects, configures this machine, and keeps the session alive until a
+/// signal: a lost session is repaired (reconnecting with backoff) while the
+/// TUN device keeps its addresses, routes and DNS.
 async fn session(
     config: &ClientConfig,
     cluster: Option<&ClusterView>,
@@ -272,90 +478,70 @@ async fn session(
     signals: &mut Signals,
     started: std::time::Instant,
 ) -> Result<End> {
-    let Tunnel {
-        mut control,
-        mut plane,
-        routes,
-    } = tokio::select! {
+    // The first connection: any failure ends the run, with its reason.
+    let first = tokio::select! {
         biased;
         sig = signals.next() => return Ok(End::Signal(sig)),
-        t = establish(config, cluster, keeper, changes, started) => t?,
+        r = first_connection(config, cluster, keeper, changes) => r?,
     };
-    // Routes die with the TUN; the task that keeps them goes with the session.
-    let _routes = AbortOnDrop(routes);
+    let (mut control, mut link, mut installed) = first;
     crate::crashpoint::reached("mid-traffic").await;
-    let end = tokio::select! {
-        biased;
-        sig = signals.next() => End::Signal(sig),
-        r = channel::wait_closed(&mut control) => match r {
-            Ok(channel::Closed::Cleanly) => End::ServerClosed,
-            Ok(channel::Closed::Abruptly) => End::ServerVanished,
-            Err(e) => End::ControlFailed(format!("{e:#}")),
-        },
-        exit = plane.ended() => match exit.result {
-            // close_notify: the server ends the session (its TLS close follows).
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => End::ServerClosed,
-            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => End::ServerSilent,
-            Ok(()) => End::DataPlane(format!("{} stopped", exit.name)),
-            Err(e) => End::DataPlane(format!("{}: {e}", exit.name)),
-        },
-    };
-    info!(
-        "session ends; to server: {}; from server: {}; {} malformed TSO reads",
-        plane.outbound.summary(),
-        plane.inbound.summary(),
-        changes.tun.as_ref().map_or(0, |t| t.unsplittable())
-    );
-    tokio::task::spawn_blocking(move || plane.stop()).await?;
-    if matches!(end, End::Signal(_)) {
-        // Tell the server we are leaving (TLS close_notify, then FIN).
-        let _ = tokio::time::timeout(Duration::from_secs(1), tokio::io::AsyncWriteExt::shutdown(&mut control)).await;
+    let mut watch = ChangeWatch::start()?;
+    let mut server = config.server;
+    let mut first_start = Some(started);
+    loop {
+        let served = serve_link(control, link, &installed, signals, &mut watch, first_start.take()).await?;
+        let lost = match served {
+            Served::Signal(sig) => return Ok(End::Signal(sig)),
+            Served::Lost(why) => why,
+        };
+        warn!(
+            "{lost}; reconnecting; {} keeps its addresses, routes and DNS meanwhile",
+            installed.tun.name()
+        );
+        installed.board.update(|r| {
+            r.state = State::Reconnecting {
+                since: status::unix_now(),
+                attempt: 1,
+                lost: lost.clone(),
+                last_error: None,
+            }
+        });
+        match reconnect(config, cluster, &mut server, &installed, signals, &mut watch, &lost).await {
+            Reconnected::Signal(sig) => return Ok(End::Signal(sig)),
+            Reconnected::GaveUp(why) => {
+                installed.board.update(|r| r.state = State::GaveUp { why: why.clone() });
+                return Ok(End::GaveUp(why));
+            }
+            Reconnected::Again(again) => {
+                let (c, l) = *again;
+                installed.adopt(&c.hello, &l).await?;
+                installed.board.update(|r| {
+                    connected(r, &c, &l);
+                    r.connections += 1;
+                });
+                (control, link) = (c, l);
+            }
+        }
     }
-    Ok(end)
 }
 
-/// Connects, sets up DTLS, then configures this machine and starts the data plane.
-async fn establish(
+/// The first connection: the server's answer, the checks that it names
+/// addresses this machine may take on and routes that do not collide, the
+/// data plane's handshake, then this machine's TUN, addresses, routes and DNS.
+async fn first_connection(
     config: &ClientConfig,
     cluster: Option<&ClusterView>,
     mut keeper: RouteKeeper,
     changes: &mut Changes,
-    started: std::time::Instant,
-) -> Result<Tunnel> {
-    // 1. Control channel.
-    let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(config.server))
+) -> Result<(Control, DataLink, Installed)> {
+    let mut control = connect_control(config, config.server, CONNECT_TIMEOUT, CONNECT_TIMEOUT)
         .await
-        .map_err(|_| {
-            anyhow!(
-                "no answer from {} within {CONNECT_TIMEOUT:?}; is server-external running and reachable?",
-                config.server
-            )
-        })?
-        .with_context(|| format!("cannot connect to {}", config.server))?;
-    channel::tune_tcp(&tcp)?;
-    let connector = tokio_rustls::TlsConnector::from(tls::client_config(&config.identity, config.server_key.clone())?);
-    let name = rustls::pki_types::ServerName::try_from(tls::SERVER_NAME).expect("static name is valid");
-    let mut control = tokio::time::timeout(CONNECT_TIMEOUT, connector.connect(name, tcp))
-        .await
-        .map_err(|_| anyhow!("TLS handshake with {} timed out", config.server))?
-        .map_err(|e| explain_tls(e, config))?;
-    let greeting = tokio::time::timeout(CONNECT_TIMEOUT, read_greeting(&mut control))
-        .await
-        .map_err(|_| anyhow!("{} sent no addresses within {CONNECT_TIMEOUT:?}", config.server))?
-        .map_err(|e| match e.downcast::<std::io::Error>() {
-            Ok(io) => explain_tls(io, config),
-            Err(e) => e,
-        })?;
-    let hello = match greeting {
-        ServerGreeting::Hello(h) => h,
-        ServerGreeting::Refused(why) => bail!("the server at {} refused the session: {why}", config.server),
-    };
+        .map_err(|f| f.error)?;
+    let hello = control.hello.clone();
     info!("connected to {}: {hello}", config.server);
-    // The server's answer first (it may be busy), then whether it names
-    // addresses this machine may take on, then whether our routes would collide.
-    let (local, on_link) = local_networks().await?;
-    if let Err(why) = hello.check_addresses(&local, &on_link) {
-        let _ = tokio::time::timeout(Duration::from_secs(1), tokio::io::AsyncWriteExt::shutdown(&mut control)).await;
+    if let Err(why) = check_pod_addresses(&hello, None).await? {
+        control.leave().await;
         bail!(
             "the server at {} announced a pod address this machine must not take on: {why}; refusing the session (check the server-cluster pod)",
             config.server
@@ -363,47 +549,16 @@ async fn establish(
     }
     let networks = cluster.map(|c| c.networks.borrow().clone()).unwrap_or_default();
     if let Err(e) = keeper.check_conflicts(&networks).await {
-        // Leave politely so the server frees its slot at once.
-        let _ = tokio::time::timeout(Duration::from_secs(1), tokio::io::AsyncWriteExt::shutdown(&mut control)).await;
+        control.leave().await;
         return Err(e);
     }
+    // The data plane's handshake, before touching this machine's configuration.
+    let link = data_handshake(config, config.server).await.map_err(|f| f.error)?;
 
-    // 2. Data plane handshake, before touching this machine's configuration.
-    let bind: SocketAddr = if config.server.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }.parse()?;
-    let udp = Udp::bind(bind)?;
-    udp.connect(config.server)?;
-    let path_mtu = udp.path_mtu(config.server.is_ipv6())?;
-    let payload = udp::udp_payload(path_mtu, config.server.is_ipv6());
-    let mut hs = config.transport.client(
-        crate::tunnel::now(),
-        &config.identity,
-        config.server_key.clone(),
-        payload,
-    )?;
-    let udp = Arc::new(udp);
-    let shaking = udp.clone();
-    let result = tokio::task::spawn_blocking(move || plane::handshake(&shaking, hs.as_mut(), None)).await?;
-    let session = match result {
-        Ok(s) => s,
-        Err(TunnelError::PeerKeyNotPinned(p)) => {
-            bail!("the server's data-plane key is not the server public key {p}")
-        }
-        Err(TunnelError::OurKeyRefused) => bail!("the server refused our client key in the data-plane handshake"),
-        Err(e) => bail!("data-plane handshake with {} failed: {e}", config.server),
-    };
-    let tun_mtu = payload - config.transport.overhead();
-    let (gso, gro) = udp.offloads();
-    info!(
-        "{} up; path MTU {path_mtu}, tunnel MTU {tun_mtu}; UDP GSO {}, GRO {}",
-        session.description,
-        on_off(gso),
-        on_off(gro)
-    );
-
-    // 3. The TUN device, its addresses, routes and DNS.
+    // The TUN device, its addresses, routes and DNS.
     let tun = Arc::new(Tun::create(
         &config.tun_name,
-        u16::try_from(tun_mtu).unwrap_or(u16::MAX),
+        u16::try_from(link.tunnel_mtu).unwrap_or(u16::MAX),
     )?);
     let record = Record::for_self(tun.name());
     record.save()?;
@@ -412,6 +567,8 @@ async fn establish(
         guard.watch(&record.path())?;
     }
     changes.tun = Some(tun.clone());
+    let board = Arc::new(Board::new(tun.name(), config.server.to_string()));
+    changes.status = Some(status::serve(board.clone(), tun.name(), tun_routes(tun.index()?))?);
     crate::crashpoint::reached("after-tun").await;
     add_addresses(&hello, &tun).await?;
     keeper.attach(tun.index()?, hello.addresses.iter().any(IpAddr::is_ipv6));
@@ -429,28 +586,290 @@ async fn establish(
             }
         })
     });
-    if !config.no_dns {
-        register_dns(&hello, &tun, changes).await?;
-    }
-    let plane = DataPlane::tunnel(
+    let routes = AbortOnDrop(routes);
+    let dns = match config.no_dns {
+        true => None,
+        false => Some(register_dns(&hello, &tun, changes).await?),
+    };
+    board.update(|r| {
+        connected(r, &control, &link);
+        r.dns = dns;
+        r.connections = 1;
+    });
+    let installed = Installed {
+        board,
+        tun,
+        addresses: hello.addresses.clone(),
+        resolv_conf: hello.resolv_conf.clone(),
+        tunnel_mtu: link.tunnel_mtu,
+        _routes: routes,
+    };
+    Ok((control, link, installed))
+}
+
+/// Whether the pod's addresses may go on this machine. On a reconnection
+/// (`tun`: the TUN's index) the TUN's own addresses and routes do not count.
+async fn check_pod_addresses(hello: &Hello, tun: Option<u32>) -> Result<Result<(), String>> {
+    let (local, on_link) = local_networks(tun).await?;
+    Ok(hello.check_addresses(&local, &on_link).map_err(|e| e.to_string()))
+}
+
+/// How a served link ended.
+enum Served {
+    Signal(&'static str),
+    /// The session is lost: why.
+    Lost(String),
+}
+
+/// Runs the data plane over `link` until a signal, or until the session is
+/// lost: the server closed or vanished, the peer fell silent, or this
+/// machine's address towards the server changed. The first time (`started`:
+/// when the client started), it says the tunnel is up.
+async fn serve_link(
+    mut control: Control,
+    link: DataLink,
+    installed: &Installed,
+    signals: &mut Signals,
+    watch: &mut ChangeWatch,
+    started: Option<std::time::Instant>,
+) -> Result<Served> {
+    let server = control.server;
+    let local = link.udp.local_addr()?.ip();
+    let udp = link.udp.clone();
+    let tun = &installed.tun;
+    let mut plane = DataPlane::tunnel(
         Names {
             outbound: "tun→udp",
             inbound: "udp→tun",
         },
-        session,
-        udp,
+        link.session,
+        link.udp,
         tun.clone(),
         tun.clone(),
         // The server may send only to the pod's addresses, never to this
         // machine's LAN or other interfaces through the tunnel.
-        Accept::To(hello.addresses.clone()),
+        Accept::To(installed.addresses.clone()),
     )?;
+    installed.board.attach(plane.outbound.clone(), plane.inbound.clone());
+    if let Some(started) = started {
+        info!(
+            "tunnel {} is up, with its addresses, routes and DNS, {} ms after start",
+            tun.name(),
+            started.elapsed().as_millis()
+        );
+    }
+    let end = loop {
+        tokio::select! {
+            biased;
+            sig = signals.next() => break Served::Signal(sig),
+            r = channel::wait_closed(&mut control.stream) => break Served::Lost(match r {
+                Ok(channel::Closed::Cleanly) => "the server ended the session (control connection closed)".to_string(),
+                Ok(channel::Closed::Abruptly) => format!(
+                    "the server at {server} went away without ending the session (connection closed without TLS close_notify)"
+                ),
+                Err(e) => format!("lost the control connection to {server}: {e:#}"),
+            }),
+            exit = plane.ended() => break Served::Lost(match exit.result {
+                // close_notify: the server ends the session (its TLS close follows).
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                    "the server ended the session (close_notify on the data plane)".to_string()
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::TimedOut => format!(
+                    "nothing heard from the server at {server} for {} s: the network path or the server is gone",
+                    crate::tunnel::liveness::SILENCE_LIMIT.as_secs()
+                ),
+                Ok(()) => format!("the data plane's {} stopped", exit.name),
+                Err(e) => format!("the data plane failed: {}: {e}", exit.name),
+            }),
+            () = watch.changed(SETTLE) => match source_towards(server) {
+                Some(now) if now == local => {}
+                now => break Served::Lost(format!(
+                    "this machine's address towards {server} changed ({local} → {})",
+                    now.map_or_else(|| "no route".to_string(), |a| a.to_string())
+                )),
+            },
+        }
+    };
     info!(
-        "tunnel {} is up, with its addresses, routes and DNS, {} ms after start",
-        tun.name(),
-        started.elapsed().as_millis()
+        "session ends; to server: {}; from server: {}; {} malformed TSO reads",
+        plane.outbound.summary(),
+        plane.inbound.summary(),
+        tun.unsplittable()
     );
-    Ok(Tunnel { control, plane, routes })
+    if let Served::Lost(_) = &end {
+        // The old session's close_notify goes out from where this machine is
+        // now: the server follows its newest authentic record, ends the old
+        // session, and frees our slot for the reconnection at once.
+        if let Err(e) = udp.repath(server) {
+            tracing::debug!("{e:#}");
+        }
+    }
+    // Stopping says close_notify to the server.
+    tokio::task::spawn_blocking(move || plane.stop()).await?;
+    installed.board.detach();
+    if matches!(end, Served::Signal(_)) {
+        control.leave().await;
+    }
+    Ok(end)
+}
+
+/// The source address this machine would use towards `server` now (`None`:
+/// no route).
+fn source_towards(server: SocketAddr) -> Option<IpAddr> {
+    let any: SocketAddr = if server.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }.parse().ok()?;
+    let probe = std::net::UdpSocket::bind(any).ok()?;
+    probe.connect(server).ok()?;
+    Some(probe.local_addr().ok()?.ip())
+}
+
+/// How a reconnection ended.
+enum Reconnected {
+    Signal(&'static str),
+    GaveUp(String),
+    Again(Box<(Control, DataLink)>),
+}
+
+/// Waits between reconnection attempts: 100 ms, doubling to 1 s, each drawn
+/// between half and all of that (jitter: the clients of a server that came
+/// back do not all return in the same instant). Attempts are spaced from
+/// their starts, so a slow failure (a connect timing out) is not followed by
+/// a long wait too.
+struct Backoff {
+    next: Duration,
+}
+
+impl Backoff {
+    const FIRST: Duration = Duration::from_millis(100);
+    const CAP: Duration = Duration::from_secs(1);
+
+    fn new() -> Self {
+        Backoff { next: Self::FIRST }
+    }
+
+    /// The next wait; `random` is any random number.
+    fn next(&mut self, random: u32) -> Duration {
+        let full = self.next;
+        self.next = (full * 2).min(Self::CAP);
+        let fraction = 0.5 + 0.5 * f64::from(random) / f64::from(u32::MAX);
+        full.mul_f64(fraction)
+    }
+}
+
+fn random_u32() -> u32 {
+    let mut b = [0u8; 4];
+    let _ = openssl::rand::rand_bytes(&mut b);
+    u32::from_le_bytes(b)
+}
+
+/// Reconnects after the session was lost (`lost`: why), with backoff, until
+/// it works, a failure that will not change, `--give-up-after`, or a signal.
+async fn reconnect(
+    config: &ClientConfig,
+    cluster: Option<&ClusterView>,
+    server: &mut SocketAddr,
+    installed: &Installed,
+    signals: &mut Signals,
+    watch: &mut ChangeWatch,
+    lost: &str,
+) -> Reconnected {
+    let since = tokio::time::Instant::now();
+    let mut backoff = Backoff::new();
+    let mut attempt = 0u32;
+    loop {
+        attempt += 1;
+        let began = tokio::time::Instant::now();
+        let result = tokio::select! {
+            biased;
+            sig = signals.next() => return Reconnected::Signal(sig),
+            r = attempt_once(config, cluster, server, installed) => r,
+        };
+        let failure = match result {
+            Ok((control, link)) => {
+                info!(
+                    "reconnected to {} after {} ms (attempt {attempt}); traffic flows again",
+                    control.server,
+                    since.elapsed().as_millis()
+                );
+                return Reconnected::Again(Box::new((control, link)));
+            }
+            Err(f) => f,
+        };
+        let waited = since.elapsed();
+        if failure.lasting {
+            return Reconnected::GaveUp(format!(
+                "{lost}, and reconnecting failed in a way that will not change: {:#}",
+                failure.error
+            ));
+        }
+        if let Some(limit) = config.give_up_after {
+            if waited >= limit {
+                return Reconnected::GaveUp(format!(
+                    "{lost}, and {attempt} attempts over {} s to reconnect failed (--give-up-after {} s); the last: {:#}",
+                    waited.as_secs(),
+                    limit.as_secs(),
+                    failure.error
+                ));
+            }
+        }
+        installed.board.update(|r| {
+            if let State::Reconnecting {
+                attempt: a, last_error, ..
+            } = &mut r.state
+            {
+                *a = attempt + 1;
+                *last_error = Some(format!("{:#}", failure.error));
+            }
+        });
+        // Attempts 1, 2, 4, 8, … are said; the rest are counted.
+        if attempt.is_power_of_two() {
+            info!("reconnection attempt {attempt} failed: {:#}", failure.error);
+        }
+        let mut until = began + backoff.next(random_u32());
+        if let Some(limit) = config.give_up_after {
+            until = until.min(since + limit);
+        }
+        tokio::select! {
+            biased;
+            sig = signals.next() => return Reconnected::Signal(sig),
+            () = tokio::time::sleep_until(until) => {}
+            // A new address or route may be what was missing: try at once.
+            () = watch.changed(SETTLE) => {}
+        }
+    }
+}
+
+/// One attempt: look the server's node up again (with Kubernetes), connect,
+/// check the pod's addresses if they changed, and shake hands.
+async fn attempt_once(
+    config: &ClientConfig,
+    cluster: Option<&ClusterView>,
+    server: &mut SocketAddr,
+    installed: &Installed,
+) -> Result<(Control, DataLink), Failure> {
+    if let Some((c, pod)) = cluster.and_then(|c| c.pod.as_ref().map(|p| (c, p))) {
+        match discovery::server_address(&c.kube, pod).await {
+            Ok(ip) if ip != server.ip() => {
+                info!("server-external {pod} now runs on a node reachable at {ip}");
+                server.set_ip(ip);
+            }
+            Ok(_) => {}
+            Err(e) if e.lasting => return Err(Failure::lasting(e.error)),
+            // The API may be out of reach too; the last address may still work.
+            Err(e) => warn!("cannot look server-external up again ({:#}); trying {server}", e.error),
+        }
+    }
+    let mut control = connect_control(config, *server, RECONNECT_TIMEOUT, RECONNECT_STEP_TIMEOUT).await?;
+    if control.hello.addresses != installed.addresses {
+        let tun = installed.tun.index()?;
+        if let Err(why) = check_pod_addresses(&control.hello, Some(tun)).await? {
+            control.leave().await;
+            return Err(Failure::lasting(anyhow!(
+                "the server at {server} now announces a pod address this machine must not take on: {why}"
+            )));
+        }
+    }
+    let link = data_handshake(config, *server).await?;
+    Ok((control, link))
 }
 
 fn on_off(on: bool) -> &'static str {
@@ -461,12 +880,14 @@ fn on_off(on: bool) -> &'static str {
     }
 }
 
-/// This machine's own addresses and the networks it reaches directly.
-async fn local_networks() -> Result<(Vec<IpAddr>, Vec<IpNet>)> {
+/// This machine's own addresses and the networks it reaches directly,
+/// leaving out interface `except` (our TUN, on a reconnection).
+async fn local_networks(except: Option<u32>) -> Result<(Vec<IpAddr>, Vec<IpNet>)> {
     use rtnetlink::packet_route::route::RouteType;
     let netlink = Netlink::connect()?;
     let mut routes = netlink.routes(false).await?;
     routes.extend(netlink.routes(true).await?);
+    routes.retain(|r| except.is_none() || r.oif != except);
     let local = routes
         .iter()
         .filter(|r| r.kind == RouteType::Local)
@@ -508,7 +929,7 @@ async fn add_addresses(hello: &Hello, tun: &Tun) -> Result<()> {
 /// servers with the cluster's domains as search and routing domains. Only the
 /// pod's nameservers and its search domains in the cluster's domain are used;
 /// its options (`ndots:5`) never reach this machine.
-async fn register_dns(hello: &Hello, tun: &Tun, changes: &mut Changes) -> Result<()> {
+async fn register_dns(hello: &Hello, tun: &Tun, changes: &mut Changes) -> Result<status::Dns> {
     let index = tun.index()?;
     let mut pod = resolv_conf::parse(&hello.resolv_conf);
     pod.nameservers.retain(|ns| {
@@ -556,7 +977,51 @@ async fn register_dns(hello: &Hello, tun: &Tun, changes: &mut Changes) -> Result
     manager.register(&entry, index, &conf).await?;
     info!("registered the cluster's DNS for {} with {}", tun.name(), manager.via());
     crate::crashpoint::reached("after-dns").await;
-    Ok(())
+    Ok(status::Dns {
+        manager: manager.via().to_string(),
+        domains: split.zones.clone(),
+        nameservers: pod.nameservers.iter().map(ToString::to_string).collect(),
+    })
+}
+
+/// A report's fields for a connection that just came up.
+fn connected(r: &mut status::Report, control: &Control, link: &DataLink) {
+    let now = status::unix_now();
+    r.state = State::Connected { since: now };
+    r.server = control.server.to_string();
+    r.transport = Some(link.description.clone());
+    r.addresses = control.hello.addresses.clone();
+    r.last_handshake = Some(now);
+    r.path_mtu = Some(link.path_mtu);
+    r.tunnel_mtu = Some(link.tunnel_mtu);
+}
+
+/// Reads the routes into TUN `index` from the kernel, for `teletun status`.
+fn tun_routes(index: u32) -> impl Fn() -> std::pin::Pin<Box<dyn std::future::Future<Output = Vec<String>> + Send>> {
+    move || {
+        Box::pin(async move {
+            use rtnetlink::packet_route::route::RouteType;
+            let Ok(netlink) = Netlink::connect() else {
+                return Vec::new();
+            };
+            let mut routes = Vec::new();
+            for v6 in [false, true] {
+                if let Ok(found) = netlink.routes(v6).await {
+                    routes.extend(
+                        found
+                            .into_iter()
+                            .filter(|r| {
+                                r.oif == Some(index)
+                                    && r.table == crate::netconf::netlink::TABLE_MAIN
+                                    && r.kind == RouteType::Unicast
+                            })
+                            .map(|r| r.destination.to_string()),
+                    );
+                }
+            }
+            routes
+        })
+    }
 }
 
 /// The keeper of the tunnel's routes: the `--route` networks plus the
@@ -571,4 +1036,31 @@ fn route_keeper(config: &ClientConfig, cluster: Option<&ClusterView>) -> Result<
         warn!("no routes: pass --route CIDR, or -pod with a kubeconfig, to reach the cluster");
     }
     RouteKeeper::new(&config.routes, never, config.allow_conflicting)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_to_its_cap_with_jitter_below_each_step() {
+        let mut b = Backoff::new();
+        let (low, high) = (0, u32::MAX);
+        assert_eq!(b.next(high), Duration::from_millis(100));
+        assert_eq!(b.next(low), Duration::from_millis(100), "half of 200 ms");
+        assert_eq!(b.next(high), Duration::from_millis(400));
+        assert_eq!(b.next(high), Duration::from_millis(800));
+        for _ in 0..10 {
+            let d = b.next(random_u32());
+            assert!((Backoff::CAP / 2..=Backoff::CAP).contains(&d), "{d:?}");
+        }
+    }
+
+    #[test]
+    fn the_source_towards_a_server_is_what_the_kernel_picks() {
+        assert_eq!(
+            source_towards("127.0.0.1:9".parse().unwrap()),
+            Some("127.0.0.1".parse().unwrap())
+        );
+    }
 }

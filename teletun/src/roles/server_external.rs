@@ -24,7 +24,8 @@ use crate::io::udp::Udp;
 use crate::keys::{Identity, PinnedKey};
 use crate::plane::{self, Accept, DataPlane, FrameSplitter, Names};
 use crate::proto::control::{
-    encode_refusal, Hello, HelloDecoder, ServerGreeting, MAX_ADDRESSES_LEN, MAX_RESOLV_CONF_LEN,
+    encode_refusal, Hello, HelloDecoder, ServerGreeting, MAX_ADDRESSES_LEN, MAX_RESOLV_CONF_LEN, REFUSED_BUSY,
+    REFUSED_NO_CLUSTER,
 };
 use crate::proto::link::LinkParams;
 use crate::tunnel::{Transport, TunnelError};
@@ -61,28 +62,60 @@ struct Shared {
     cluster: watch::Sender<ClusterState>,
 }
 
+/// How often a session looks whether it should give its slot away.
+const CHECK_INTERVAL: Duration = Duration::from_millis(100);
+
 /// How long a new client waits for the slot of a session that is ending: a
 /// client restarted at once must not be refused only because the old
 /// session's teardown has not run yet.
 const SLOT_GRACE: Duration = Duration::from_secs(2);
 
-/// The one client slot: who is being served, if anyone.
+/// How long a session must have heard nothing from its client before a new
+/// connection with the client's key takes its place: two heartbeats. A
+/// client that moved (new address, woke from sleep, restarted) reconnects at
+/// once, and its old session, silent since, must not keep it out; a second
+/// client with the same key while the first is alive is still refused.
+const SUPERSEDE_AFTER: Duration = Duration::from_millis(500);
+
+/// The one client slot: who is being served, if anyone, and whether an
+/// authenticated client waits for it.
 #[derive(Default)]
-struct ClientSlot(watch::Sender<Option<SocketAddr>>);
+struct ClientSlot {
+    serving: watch::Sender<Option<SocketAddr>>,
+    /// Authenticated clients waiting for the slot now.
+    waiting: std::sync::atomic::AtomicUsize,
+}
+
+/// Counts a claimant as waiting while it lives.
+struct Waiting<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
 
 impl ClientSlot {
     fn is_free(&self) -> bool {
-        self.0.borrow().is_none()
+        self.serving.borrow().is_none()
     }
 
-    /// Takes the slot for `peer`, waiting up to `grace` for it to free; on
-    /// refusal returns the client being served.
+    /// Whether an authenticated client waits for the slot.
+    fn wanted(&self) -> bool {
+        self.waiting.load(std::sync::atomic::Ordering::Relaxed) > 0
+    }
+
+    /// Takes the slot for `peer`, waiting up to `grace` for it to free (a
+    /// silent session gives it up, see [`SUPERSEDE_AFTER`]); on refusal
+    /// returns the client being served.
     async fn claim(&self, peer: SocketAddr, grace: Duration) -> Result<(), SocketAddr> {
-        let mut freed = self.0.subscribe();
+        let mut freed = self.serving.subscribe();
         let deadline = tokio::time::Instant::now() + grace;
+        self.waiting.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let _waiting = Waiting(&self.waiting);
         loop {
             let mut current = None;
-            self.0.send_if_modified(|slot| match *slot {
+            self.serving.send_if_modified(|slot| match *slot {
                 None => {
                     *slot = Some(peer);
                     true
@@ -105,8 +138,13 @@ impl ClientSlot {
     }
 
     fn release(&self) {
-        self.0.send_replace(None);
+        self.serving.send_replace(None);
     }
+}
+
+/// Whether a session silent for `silent` gives its slot to a waiting client.
+fn superseded(slot: &ClientSlot, silent: Duration) -> bool {
+    slot.wanted() && silent >= SUPERSEDE_AFTER
 }
 
 /// Runs until SIGINT or SIGTERM.
@@ -283,7 +321,7 @@ async fn serve(
         info!("refusing {peer}: already serving {current}");
         return refuse(
             &mut control,
-            &format!("busy: this server already serves a client ({current}); it serves one client at a time"),
+            &format!("{REFUSED_BUSY}this server already serves a client ({current}); it serves one client at a time"),
         )
         .await;
     }
@@ -302,7 +340,7 @@ async fn serve_session(
         return refuse(
             control,
             &format!(
-                "server-cluster is not connected (socket {}); try again when it runs",
+                "{REFUSED_NO_CLUSTER} (socket {}); try again when it runs",
                 shared.config.sockfile.display()
             ),
         )
@@ -329,12 +367,23 @@ async fn serve_session(
     let stop = Arc::new(StopSignal::new()?);
     let (udp, stop_handshake) = (shared.udp.clone(), stop.clone());
     let mut handshake = tokio::task::spawn_blocking(move || plane::handshake(&udp, hs.as_mut(), Some(&stop_handshake)));
-    let result = tokio::select! {
-        done = &mut handshake => done?,
-        _ = channel::wait_closed(control) => {
-            stop.stop();
-            let _ = handshake.await;
-            return Err(anyhow!("the client left before the data-plane handshake finished"));
+    let shaking_since = std::time::Instant::now();
+    let mut check = tokio::time::interval(CHECK_INTERVAL);
+    let result = loop {
+        tokio::select! {
+            done = &mut handshake => break done?,
+            _ = channel::wait_closed(control) => {
+                stop.stop();
+                let _ = handshake.await;
+                return Err(anyhow!("the client left before the data-plane handshake finished"));
+            }
+            _ = check.tick() => if superseded(&shared.serving, shaking_since.elapsed()) {
+                stop.stop();
+                let _ = handshake.await;
+                return Err(anyhow!(
+                    "the client connected again before this data-plane handshake finished; serving the new connection"
+                ));
+            }
         }
     };
     let session = match result {
@@ -360,16 +409,29 @@ async fn serve_session(
         // server-cluster checks what the client may send as the pod.
         Accept::Any,
     )?;
-    let reason = tokio::select! {
-        r = channel::wait_closed(control) => match r {
-            Ok(channel::Closed::Cleanly) => "the client closed the control connection".to_string(),
-            Ok(channel::Closed::Abruptly) => "the client vanished without closing the control connection".to_string(),
-            Err(e) => format!("control connection failed: {e:#}"),
-        },
-        exit = plane.ended() => match exit.result {
-            Ok(()) => format!("{} stopped", exit.name),
-            Err(e) => format!("{}: {e}", exit.name),
-        },
+    let started = crate::tunnel::now();
+    let reason = loop {
+        tokio::select! {
+            r = channel::wait_closed(control) => break match r {
+                Ok(channel::Closed::Cleanly) => "the client closed the control connection".to_string(),
+                Ok(channel::Closed::Abruptly) => "the client vanished without closing the control connection".to_string(),
+                Err(e) => format!("control connection failed: {e:#}"),
+            },
+            exit = plane.ended() => break match exit.result {
+                Ok(()) => format!("{} stopped", exit.name),
+                Err(e) => format!("{}: {e}", exit.name),
+            },
+            _ = check.tick() => {
+                let now = crate::tunnel::now();
+                let silent = plane.inbound.silent_for(now).unwrap_or_else(|| now.saturating_sub(started));
+                if superseded(&shared.serving, silent) {
+                    break format!(
+                        "the client connected again after {} ms of silence here (it moved, slept or restarted); serving the new connection",
+                        silent.as_millis()
+                    );
+                }
+            }
+        }
     };
     if cluster.peer_closed() {
         // Forget the dead AF_UNIX link so the connector waits for a new one.
@@ -416,5 +478,25 @@ mod tests {
         assert_eq!(slot.claim(addr(3), Duration::ZERO).await, Err(addr(2)));
         slot.release();
         assert!(slot.is_free());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_session_gives_its_slot_to_a_waiting_client_and_a_live_one_does_not() {
+        let slot = Arc::new(ClientSlot::default());
+        slot.claim(addr(1), SLOT_GRACE).await.unwrap();
+        assert!(!superseded(&slot, Duration::from_secs(60)), "nobody waits");
+        let waiting = slot.clone();
+        let waiter = tokio::spawn(async move { waiting.claim(addr(2), SLOT_GRACE).await });
+        tokio::task::yield_now().await;
+        assert!(slot.wanted());
+        assert!(
+            !superseded(&slot, SUPERSEDE_AFTER / 2),
+            "heard from lately: keeps the slot"
+        );
+        assert!(superseded(&slot, SUPERSEDE_AFTER));
+        // The session ends; the waiting client gets the slot and stops waiting.
+        slot.release();
+        assert_eq!(waiter.await.unwrap(), Ok(()));
+        assert!(!slot.wanted());
     }
 }

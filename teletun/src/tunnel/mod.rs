@@ -169,6 +169,9 @@ pub struct Decapsulated {
     /// The peer's newest authentic record came from this new address: send
     /// there from now on (roaming, NAT rebinding).
     pub peer_moved: Option<SocketAddr>,
+    /// At least one authentic record arrived (a heartbeat counts): the peer
+    /// is alive.
+    pub authentic: bool,
 }
 
 /// The receiving half of a session.

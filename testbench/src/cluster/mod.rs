@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 
 pub use api::{BrokenKubeconfig, EXTERNAL_POD};
-pub use net::{NodeNet, Pod};
+pub use net::{NodeNet, Pod, HOME_WAN_IF};
 pub use plan::{HomeLan, Plan, ECHO_PORT, HTTP_PORT, SERVER_PORT};
 pub use servers::KeyName;
 pub use services::Service;

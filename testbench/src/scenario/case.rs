@@ -33,6 +33,28 @@ pub struct Case<'a> {
     pub flood: Option<crate::hostile::FloodRun>,
     /// Throughput measurements so far, in bit/s, by name.
     pub throughputs: BTreeMap<String, f64>,
+    /// What the roaming steps changed or started.
+    pub roaming: Roaming,
+}
+
+/// What the roaming steps changed on the laptop, or run in the background.
+#[derive(Default)]
+pub struct Roaming {
+    /// The laptop's address on the home LAN, once `change-address` changed it.
+    pub laptop_ip: Option<std::net::Ipv4Addr>,
+    /// The laptop uses its second uplink.
+    pub second_uplink: bool,
+    /// `nat-rebind` steps so far.
+    pub rebinds: u32,
+    /// The running probe (`start-probe`).
+    pub probe: Option<crate::exec::Background>,
+    /// Probes started so far (for their log names).
+    pub probes: u32,
+    /// The background transfer, and when it started.
+    pub transfer: Option<(crate::exec::Background, std::time::Instant)>,
+    /// The last event a running probe should time its first reply from
+    /// (the laptop woke, a server came back), and when it happened.
+    pub mark: Option<(&'static str, std::time::Instant)>,
 }
 
 impl Case<'_> {

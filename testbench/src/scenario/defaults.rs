@@ -26,6 +26,9 @@ pub fn two() -> u64 {
 pub fn ten() -> u64 {
     10
 }
+pub fn sixty() -> u64 {
+    60
+}
 pub fn twenty() -> u64 {
     20
 }

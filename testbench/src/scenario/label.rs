@@ -35,6 +35,15 @@ impl Step {
                 ..
             }) => format!("client {name} fails with {e:?}"),
             Step::StopClient(s) => format!("stop client {} with {}", s.name, s.signal),
+            Step::Status(s) => format!(
+                "teletun status{} shows {}",
+                if s.json { " --json" } else { "" },
+                s.expect.iter().map(|e| format!("{e:?}")).collect::<Vec<_>>().join(", ")
+            ),
+            Step::ConnectInTurn(s) => format!(
+                "{} clients connect one after another, each within {} s",
+                s.count, s.within
+            ),
             Step::Ping(s) => format!("ping {}{}{}", s.to, v6(s.ipv6), fails(s.expect_failure)),
             Step::TcpEcho(s) => format!("TCP echo {}{}{}", s.to, v6(s.ipv6), fails(s.expect_failure)),
             Step::UdpEcho(s) => format!("UDP echo {}{}", s.to, v6(s.ipv6)),
@@ -82,8 +91,8 @@ impl Step {
             Step::StopServer(s) => format!("stop {} with {}", s.role, s.signal),
             Step::ClientExits(s) => format!("client {} exits with {:?}", s.name, s.expect_error),
             Step::StartFlood(s) => format!(
-                "flood from the internet at the {}: {} connects/s, {} datagrams/s",
-                s.aim, s.connects_per_second, s.datagrams_per_second
+                "flood from the {} at the {}: {} connects/s, {} datagrams/s",
+                s.from, s.aim, s.connects_per_second, s.datagrams_per_second
             ),
             Step::StopFlood(_) => "stop the flood; server-external lived through it".into(),
             Step::Throughput(s) => format!("throughput {} ({} s)", s.name, s.seconds),
@@ -91,6 +100,22 @@ impl Step {
             Step::PlantRecord(s) => format!("a planted takeover record ({}) is discarded", s.record),
             Step::ConnectLink(s) => format!("an intruder ({}) on the AF_UNIX link gets nothing", s.intruder),
             Step::Counter(s) => format!("{} counts at least {} {}", s.process, s.at_least, s.counter),
+            Step::ChangeAddress(ChangeAddress { host: Some(h) }) => {
+                format!("the laptop's address changes to 192.168.1.{h}")
+            }
+            Step::ChangeAddress(_) => "the laptop's address changes".into(),
+            Step::SwitchUplink(s) => format!("the laptop switches to its {} uplink", s.to),
+            Step::NatRebind(_) => "the home NAT forgets and maps anew".into(),
+            Step::Sleep(s) => format!("the laptop sleeps {} s (client {} frozen)", s.seconds, s.client),
+            Step::StartProbe(s) => format!("start pinging {}{} (100/s)", s.to, v6(s.ipv6)),
+            Step::StopProbe(StopProbe { max_gap_ms: Some(m) }) => format!("stop the probe; no gap over {m} ms"),
+            Step::StopProbe(_) => "stop the probe; report its longest gap".into(),
+            Step::StartTransfer(s) => format!(
+                "start a transfer of {} MB ({}) in the background",
+                s.bytes / 1_000_000,
+                s.direction
+            ),
+            Step::FinishTransfer(_) => "the background transfer completes, SHA-256 equal".into(),
         }
     }
 

@@ -51,6 +51,7 @@ pub fn run(scenario: &Scenario, teletun: &Path, work: &Path, progress: &mut dyn 
         snapshot: None,
         flood: None,
         throughputs: BTreeMap::new(),
+        roaming: Default::default(),
     };
     let mut aborted = false;
     for step in &scenario.steps {
@@ -87,8 +88,9 @@ pub fn run(scenario: &Scenario, teletun: &Path, work: &Path, progress: &mut dyn 
     }
     let failed = checks.iter().any(|c| matches!(c.outcome, Outcome::Fail(_)));
     teardown(std::mem::take(&mut case.clusters));
-    let keep = failed.then(|| logs[0].clone());
-    if !failed {
+    // TESTBENCH_KEEP_LOGS keeps the logs of passing cases too.
+    let keep = (failed || std::env::var_os("TESTBENCH_KEEP_LOGS").is_some()).then(|| logs[0].clone());
+    if keep.is_none() {
         for dir in &logs {
             let _ = std::fs::remove_dir_all(dir);
         }

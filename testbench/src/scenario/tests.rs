@@ -329,6 +329,40 @@ do = 'compact-api'
     insta::assert_snapshot!(problems(text).join("\n"));
 }
 
+/// The roaming steps: the home LAN they need, probes and transfers paired,
+/// a sleeping client that runs.
+#[test]
+fn error_messages_for_roaming() {
+    let text = "\
+name = 'roaming-wrong'
+[topology]
+lan = false
+no_lan_because = 'testing'
+[[step]]
+do = 'start-servers'
+[[step]]
+do = 'change-address'
+[[step]]
+do = 'stop-probe'
+[[step]]
+do = 'start-probe'
+to = 'ap'
+[[step]]
+do = 'start-probe'
+to = 'app'
+[[step]]
+do = 'finish-transfer'
+[[step]]
+do = 'sleep'
+seconds = 5
+client = 'ghost'
+[[step]]
+do = 'switch-uplink'
+to = 'second'
+";
+    insta::assert_snapshot!(problems(text).join("\n"));
+}
+
 /// Found by the scenario_file fuzz target's review: a few hundred bytes of
 /// short axes would ask for more cases than memory holds.
 #[test]

@@ -122,6 +122,7 @@ pub fn check(topology: &Topology, steps: &[Step], profiles: &BTreeSet<String>) -
     let mut started: BTreeSet<String> = BTreeSet::new();
     let mut measured: BTreeSet<String> = BTreeSet::new();
     let mut flooding = false;
+    let (mut probing, mut transferring) = (false, false);
     for (i, step) in steps.iter().enumerate() {
         let mut problem = |key: &'static str, message: String| {
             found.push(Finding {
@@ -293,8 +294,16 @@ pub fn check(topology: &Topology, steps: &[Step], profiles: &BTreeSet<String>) -
                     list(profiles)
                 ),
             ),
-            Step::StartFlood(_) if std::mem::replace(&mut flooding, true) => {
-                problem("do", "a flood already runs here; stop-flood first".into())
+            Step::StartFlood(s) => {
+                if std::mem::replace(&mut flooding, true) {
+                    problem("do", "a flood already runs here; stop-flood first".into());
+                }
+                if s.from == FloodFrom::Home && (!topology.lan || current != 0) {
+                    problem(
+                        "from",
+                        "only the first cluster's laptop uplink has a home router (and only with lan = true)".into(),
+                    );
+                }
             }
             Step::StopFlood(_) if !std::mem::replace(&mut flooding, false) => problem(
                 "do",
@@ -312,7 +321,30 @@ pub fn check(topology: &Topology, steps: &[Step], profiles: &BTreeSet<String>) -
                 }
                 measured.insert(s.name.clone());
             }
-            Step::LogContains(LogContains {
+            Step::ChangeAddress(_) | Step::SwitchUplink(_) | Step::NatRebind(_) if !topology.lan || current != 0 => {
+                problem(
+                    "do",
+                    "the laptop's home LAN is the first cluster's uplink (and there only with lan = true)".into(),
+                )
+            }
+            Step::StartProbe(s) => {
+                if std::mem::replace(&mut probing, true) {
+                    problem("do", "a probe already runs; stop-probe first".into());
+                }
+                target(&s.to, s.ipv6, &mut problem);
+            }
+            Step::StopProbe(_) if !std::mem::replace(&mut probing, false) => {
+                problem("do", "no probe runs; start one with an earlier start-probe step".into())
+            }
+            Step::StartTransfer(_) if std::mem::replace(&mut transferring, true) => {
+                problem("do", "a transfer already runs; finish-transfer first".into())
+            }
+            Step::FinishTransfer(_) if !std::mem::replace(&mut transferring, false) => problem(
+                "do",
+                "no transfer runs; start one with an earlier start-transfer step".into(),
+            ),
+            Step::Sleep(Sleep { client: name, .. })
+            | Step::LogContains(LogContains {
                 process: Process::Client(name),
                 ..
             })
@@ -320,7 +352,11 @@ pub fn check(topology: &Topology, steps: &[Step], profiles: &BTreeSet<String>) -
                 process: Process::Client(name),
                 ..
             }) if !started.contains(name) => problem(
-                "process",
+                if matches!(step, Step::Sleep(_)) {
+                    "client"
+                } else {
+                    "process"
+                },
                 format!(
                     "no client {name:?} was started before this step (started: {})",
                     list(&started)

@@ -111,6 +111,16 @@ closed_set! {
 }
 
 closed_set! {
+    /// The laptop's uplinks (`switch-uplink`).
+    pub enum Uplink("uplink") {
+        /// `eth0` on the home LAN, as the laptop starts.
+        First = "first",
+        /// `eth1` on the home router's second subnet.
+        Second = "second",
+    }
+}
+
+closed_set! {
     /// A named point in the client where the testbench can stop it.
     pub enum CrashPoint("crash point") {
         /// The TUN device exists, nothing else.

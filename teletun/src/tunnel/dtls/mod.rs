@@ -4,9 +4,11 @@
 //! Every IP packet is one record in one datagram, so a packet is never split
 //! and reordering or loss can never splice two packets together. Both sides
 //! present a self-signed certificate and accept only the pinned peer key. The
-//! server answers a ClientHello with a HelloVerifyRequest (cookie) before it
-//! does any other work.
+//! server answers a ClientHello with a HelloVerifyRequest (cookie, over the
+//! client's address and port) before it does any other work, statelessly
+//! ([`hello`]).
 
+mod hello;
 pub mod record;
 
 use std::io::{self, Read, Write};
@@ -119,7 +121,10 @@ pub enum Role {
     Server,
 }
 
-/// Per-process secret for DTLS cookies: HMAC(secret, peer address).
+/// HelloVerifyRequests kept between two sends (a sprayer gets no more).
+const MAX_VERIFY_REQUESTS: usize = 16;
+
+/// Per-handshake secret for DTLS cookies: HMAC(secret, peer address and port).
 struct CookieSecret([u8; 32]);
 
 fn cookie_for(secret: &CookieSecret, peer: &[u8], out: &mut [u8]) -> Result<usize, openssl::error::ErrorStack> {
@@ -132,7 +137,39 @@ fn cookie_for(secret: &CookieSecret, peer: &[u8], out: &mut [u8]) -> Result<usiz
     Ok(n)
 }
 
-fn context(role: Role, identity: &Identity) -> Result<SslContext> {
+/// What a server's cookies are made from: the client's address and port.
+fn cookie_subject(peer: SocketAddr) -> Vec<u8> {
+    peer.to_string().into_bytes()
+}
+
+/// A server's cookie secret, and the address its OpenSSL callbacks check
+/// the cookie against (set when a ClientHello binds the handshake).
+struct Cookies {
+    secret: CookieSecret,
+    subject: std::sync::Mutex<Vec<u8>>,
+}
+
+impl Cookies {
+    fn new() -> Result<Self> {
+        let mut secret = [0u8; 32];
+        openssl::rand::rand_bytes(&mut secret)?;
+        Ok(Cookies {
+            secret: CookieSecret(secret),
+            subject: std::sync::Mutex::new(Vec::new()),
+        })
+    }
+
+    fn subject(&self) -> Vec<u8> {
+        self.subject.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    /// The cookie for `peer` into `out`; its length.
+    fn for_peer(&self, peer: SocketAddr, out: &mut [u8]) -> Option<usize> {
+        cookie_for(&self.secret, &cookie_subject(peer), out).ok()
+    }
+}
+
+fn context(role: Role, identity: &Identity, cookies: Option<Arc<Cookies>>) -> Result<SslContext> {
     let mut b = SslContextBuilder::new(SslMethod::dtls())?;
     b.set_min_proto_version(Some(SslVersion::DTLS1_2))?;
     b.set_max_proto_version(Some(SslVersion::DTLS1_2))?;
@@ -141,38 +178,19 @@ fn context(role: Role, identity: &Identity) -> Result<SslContext> {
     b.set_private_key(&identity.key)?;
     b.check_private_key()?;
     b.set_options(SslOptions::NO_QUERY_MTU | SslOptions::NO_RENEGOTIATION);
-    if role == Role::Server {
+    if let (Role::Server, Some(cookies)) = (role, cookies) {
         b.set_options(SslOptions::COOKIE_EXCHANGE);
-        let mut secret = [0u8; 32];
-        openssl::rand::rand_bytes(&mut secret)?;
-        let secret = Arc::new(CookieSecret(secret));
-        let index = peer_index()?;
-        let s = secret.clone();
-        b.set_cookie_generate_cb(move |ssl, out| {
-            let peer = ssl.ex_data(index).map(Vec::as_slice).unwrap_or_default();
-            cookie_for(&s, peer, out)
-        });
-        b.set_cookie_verify_cb(move |ssl, cookie| {
-            let peer = ssl.ex_data(index).map(Vec::as_slice).unwrap_or_default();
+        let c = cookies.clone();
+        b.set_cookie_generate_cb(move |_, out| cookie_for(&c.secret, &c.subject(), out));
+        b.set_cookie_verify_cb(move |_, cookie| {
             let mut expected = [0u8; 64];
-            match cookie_for(&secret, peer, &mut expected) {
+            match cookie_for(&cookies.secret, &cookies.subject(), &mut expected) {
                 Ok(n) => n == cookie.len() && memcmp::eq(&expected[..n], cookie),
                 Err(_) => false,
             }
         });
     }
     Ok(b.build())
-}
-
-static PEER_INDEX: std::sync::OnceLock<openssl::ex_data::Index<Ssl, Vec<u8>>> = std::sync::OnceLock::new();
-
-/// The one SSL ex-data slot that holds the client's IP for its cookie.
-fn peer_index() -> Result<openssl::ex_data::Index<Ssl, Vec<u8>>, openssl::error::ErrorStack> {
-    if let Some(i) = PEER_INDEX.get() {
-        return Ok(*i);
-    }
-    let fresh = Ssl::new_ex_index()?;
-    Ok(*PEER_INDEX.get_or_init(|| fresh))
 }
 
 // OpenSSL's DTLS timer controls (macros over SSL_ctrl in ssl.h) and its
@@ -213,8 +231,13 @@ pub struct DtlsHandshake {
     mtu: usize,
     /// Server: the only IP a client may handshake from.
     expected_ip: Option<IpAddr>,
-    /// Server: the client's address, fixed by its first handshake record.
+    /// Server: the client's address, fixed by the ClientHello that returned
+    /// its cookie.
     bound: Option<SocketAddr>,
+    /// Server: the cookie secret and the address cookies are checked for.
+    cookies: Option<Arc<Cookies>>,
+    /// Server: HelloVerifyRequests to send, each to where its ClientHello came from.
+    verify_requests: Vec<(SocketAddr, Vec<u8>)>,
     deadline: Time,
     /// The latest time we were told.
     last_seen: Time,
@@ -233,8 +256,8 @@ impl DtlsHandshake {
         Ok(hs)
     }
 
-    /// Waits for a client at `peer`'s IP (its UDP port is not known yet; the
-    /// cookie binds the IP).
+    /// Waits for a client at `peer`'s IP (its UDP port is not known yet: the
+    /// ClientHello that returns its cookie binds it).
     pub fn server(now: Time, identity: &Identity, pin: PinnedKey, mtu: usize, peer: IpAddr) -> Result<Self> {
         Self::new(now, Role::Server, identity, pin, mtu, Some(peer))
     }
@@ -247,7 +270,11 @@ impl DtlsHandshake {
         mtu: usize,
         expected_ip: Option<IpAddr>,
     ) -> Result<Self> {
-        let ctx = context(role, identity).context("cannot set up DTLS")?;
+        let cookies = match role {
+            Role::Server => Some(Arc::new(Cookies::new()?)),
+            Role::Client => None,
+        };
+        let ctx = context(role, identity, cookies.clone()).context("cannot set up DTLS")?;
         let mut ssl = Ssl::new(&ctx)?;
         let peer_rejected = Arc::new(AtomicBool::new(false));
         let pin_path = pin.path.clone();
@@ -275,9 +302,6 @@ impl DtlsHandshake {
         ssl.set_mtu(mtu as u32)?;
         // SAFETY: the SSL object is live; the callback is a plain function.
         unsafe { DTLS_set_timer_cb(ssl.as_ptr(), Some(retransmit_timer)) };
-        if let Some(ip) = expected_ip {
-            ssl.set_ex_data(peer_index()?, ip.to_string().into_bytes());
-        }
         match role {
             Role::Client => ssl.set_connect_state(),
             Role::Server => ssl.set_accept_state(),
@@ -291,6 +315,8 @@ impl DtlsHandshake {
             mtu,
             expected_ip,
             bound: None,
+            cookies,
+            verify_requests: Vec::new(),
             deadline: now + HANDSHAKE_TIMEOUT,
             last_seen: now,
             outcome: None,
@@ -312,6 +338,51 @@ impl DtlsHandshake {
             return TunnelError::OurKeyRefused;
         }
         TunnelError::Failed(format!("DTLS failed: {text}"))
+    }
+
+    /// Server, before a client is bound: a ClientHello without the cookie for
+    /// its address gets a HelloVerifyRequest (and leaves no state); one that
+    /// returns it binds the handshake to its address, and OpenSSL is shown
+    /// the first ClientHello it answers. Returns whether `datagram` goes on
+    /// to OpenSSL.
+    fn bind(&mut self, now: Time, from: SocketAddr, datagram: &[u8]) -> bool {
+        let (Some(cookies), Some(hello)) = (self.cookies.clone(), hello::parse(datagram)) else {
+            return false;
+        };
+        let mut cookie = [0u8; 64];
+        let Some(n) = cookies.for_peer(from, &mut cookie) else {
+            return false;
+        };
+        let cookie = &cookie[..n];
+        if hello.cookie().len() != n || !memcmp::eq(hello.cookie(), cookie) {
+            // A first ClientHello, a stale cookie, or someone else's: at
+            // most a few answers are kept between sends.
+            if self.verify_requests.len() < MAX_VERIFY_REQUESTS {
+                let mut request = Vec::with_capacity(64);
+                hello::hello_verify_request(hello.record_seq, cookie, &mut request);
+                self.verify_requests.push((from, request));
+            }
+            return false;
+        }
+        let mut first = Vec::with_capacity(datagram.len());
+        if hello.first(&mut first).is_none() {
+            return false;
+        }
+        if let Ok(mut subject) = cookies.subject.lock() {
+            *subject = cookie_subject(from);
+        }
+        self.bound = Some(from);
+        self.verify_requests.clear();
+        if let Some(stream) = self.stream.as_mut() {
+            stream.get_mut().put(&first);
+        }
+        self.advance(now);
+        // OpenSSL's answer to the first ClientHello went out already, as ours.
+        self.pending.clear();
+        if let Some(s) = self.stream.as_mut() {
+            s.get_mut().inbound_ready = false;
+        }
+        self.stream.is_some()
     }
 
     /// Runs the handshake as far as it goes with what OpenSSL has, and keeps
@@ -381,19 +452,25 @@ impl DtlsHandshake {
 impl Handshake for DtlsHandshake {
     fn handle_datagram(&mut self, now: Time, from: Option<SocketAddr>, datagram: &[u8]) {
         self.last_seen = self.last_seen.max(now);
-        let Some(stream) = self.stream.as_mut() else { return };
+        if self.stream.is_none() {
+            return;
+        }
         if self.role == Role::Server {
             let Some(from) = from else { return };
-            if Some(from.ip()) != self.expected_ip || self.bound.is_some_and(|b| b != from) {
+            if Some(from.ip()) != self.expected_ip {
                 return;
             }
-            // Only a handshake record may bind the session's port: stale
-            // datagrams of an earlier session from the same host must not.
-            if self.bound.is_none() && datagram.first() != Some(&content::HANDSHAKE) {
-                return;
+            match self.bound {
+                Some(bound) if bound != from => return,
+                Some(_) => {}
+                None => {
+                    if !self.bind(now, from, datagram) {
+                        return;
+                    }
+                }
             }
-            self.bound = Some(from);
         }
+        let Some(stream) = self.stream.as_mut() else { return };
         stream.get_mut().put(datagram);
         self.advance(now);
         // Whatever OpenSSL did not read of the datagram is discarded.
@@ -403,6 +480,11 @@ impl Handshake for DtlsHandshake {
     }
 
     fn poll_transmit(&mut self, out: &mut PacketBatch) -> Option<SocketAddr> {
+        // Each HelloVerifyRequest to its own address, one per call.
+        if let Some((to, request)) = self.verify_requests.pop() {
+            out.push(&request);
+            return Some(to);
+        }
         for p in self.pending.iter() {
             if !out.push(p) {
                 break;
@@ -636,6 +718,7 @@ impl Inbound for DtlsInbound {
         if alive {
             self.liveness.received(now);
         }
+        done.authentic = alive;
         Ok(done)
     }
 }
@@ -893,6 +976,56 @@ mod tests {
         fresh.handle_datagram(now, Some(client_addr()), &[23, 0xfe, 0xfd, 0, 1]);
         assert!(drain(&mut fresh).is_empty());
         assert_eq!(fresh.bound, None);
+    }
+
+    /// Every datagram the handshake wants sent, with where it goes.
+    fn drain_all(h: &mut dyn Handshake) -> Vec<(Option<SocketAddr>, Vec<u8>)> {
+        let mut all = Vec::new();
+        loop {
+            let mut out = PacketBatch::with_capacity(16, 2048);
+            let to = h.poll_transmit(&mut out);
+            if out.is_empty() {
+                return all;
+            }
+            all.extend(out.iter().map(|d| (to, d.to_vec())));
+        }
+    }
+
+    /// A host behind the client's NAT (same IP, other ports) spraying junk
+    /// handshake records and real ClientHellos gets HelloVerifyRequests to
+    /// its own ports, binds nothing, and the client's handshake goes through.
+    #[test]
+    fn a_sprayer_at_the_clients_ip_neither_binds_nor_poisons_the_handshake() {
+        let k = Keys::new();
+        let (mut client, mut server) = handshakes(&k, "client", "server", "server", "client");
+        let now = crate::tunnel::now();
+        let mut stranger = DtlsHandshake::client(now, &k.id("other"), k.pin("server"), 1400).unwrap();
+        let stranger_hello = drain(&mut stranger);
+        let junk = [22, 0xfe, 0xfd, 0, 0, 0, 0, 0, 0, 0, 1, 0, 3, 1, 2, 3];
+        for port in 40000..40050 {
+            let from = SocketAddr::new(client_addr().ip(), port);
+            server.handle_datagram(now, Some(from), &junk);
+            server.handle_datagram(now, Some(from), &stranger_hello[0]);
+        }
+        assert_eq!(server.bound, None);
+        let answers = drain_all(&mut server);
+        assert_eq!(answers.len(), MAX_VERIFY_REQUESTS, "a bounded number of answers");
+        for (to, d) in &answers {
+            assert!(to.is_some_and(|a| a.port() >= 40000), "each to the sprayer's own port");
+            assert_eq!(d[13], 3, "a HelloVerifyRequest");
+        }
+        // The stranger's second ClientHello, with the cookie for its port,
+        // sent from another port: refused like a first one.
+        stranger.handle_datagram(now, None, &answers[0].1);
+        let with_cookie = drain(&mut stranger);
+        let elsewhere = SocketAddr::new(client_addr().ip(), 41000);
+        server.handle_datagram(now, Some(elsewhere), &with_cookie[0]);
+        assert_eq!(server.bound, None, "a cookie is good only for its own port");
+        drain_all(&mut server);
+        // The client, meanwhile, completes.
+        exchange(&mut client, &mut server, |_, _| false);
+        let _ = sessions(&mut client, &mut server);
+        assert_eq!(server.bound, Some(client_addr()));
     }
 
     #[test]

@@ -19,6 +19,17 @@ closed_set! {
 }
 
 closed_set! {
+    /// Where a `start-flood` generator runs.
+    pub enum FloodFrom("from") {
+        /// The router: a stranger on the internet.
+        Internet = "internet",
+        /// The laptop's home router: a host behind the laptop's NAT, with the
+        /// same public address as the laptop.
+        Home = "home",
+    }
+}
+
+closed_set! {
     /// Which way a `forge` step sends packets with a forged address.
     pub enum ForgeWay("way") {
         /// From the laptop into the tunnel, with another pod's source address.
@@ -63,6 +74,9 @@ closed_set! {
 pub struct StartFlood {
     /// Where the generator aims.
     pub aim: FloodAim,
+    /// Where it runs.
+    #[serde(default = "internet")]
+    pub from: FloodFrom,
     /// TCP connects per second.
     #[serde(default = "connects_per_second")]
     pub connects_per_second: u32,
@@ -71,6 +85,9 @@ pub struct StartFlood {
     pub datagrams_per_second: u32,
 }
 
+fn internet() -> FloodFrom {
+    FloodFrom::Internet
+}
 fn connects_per_second() -> u32 {
     5000
 }

@@ -3,7 +3,7 @@
 //! (`testbench schema`, kept in docs/scenario.schema.json).
 //!
 //! Adding a step kind: a struct in the family's file here (`processes`,
-//! `connectivity`, `dns`, `changes`, `impairment`, `state`, `hostile`, as in `steps/`) and
+//! `connectivity`, `dns`, `changes`, `impairment`, `state`, `hostile`, `roaming`, as in `steps/`) and
 //! a line in `steps!` below, its label in
 //! `label.rs`, its checks in `validate.rs`, and its action in one of
 //! `steps/*.rs` (dispatched in `steps/mod.rs`).
@@ -14,6 +14,7 @@ mod dns;
 mod hostile;
 mod impairment;
 mod processes;
+mod roaming;
 mod state;
 
 use std::collections::BTreeMap;
@@ -30,6 +31,7 @@ pub use dns::*;
 pub use hostile::*;
 pub use impairment::*;
 pub use processes::*;
+pub use roaming::*;
 pub use state::*;
 
 /// A scenario file. Every combination of the `[matrix]` axes is one case; a
@@ -106,6 +108,8 @@ steps! {
     "stop-server" => StopServer,
     "start-client" => StartClient,
     "stop-client" => StopClient,
+    "connect-in-turn" => ConnectInTurn,
+    "status" => Status,
     "client-exits" => ClientExits,
     "kill-client" => KillClient,
     "crash-client" => CrashClient,
@@ -140,4 +144,12 @@ steps! {
     "plant-record" => PlantRecord,
     "connect-link" => ConnectLink,
     "counter" => Counter,
+    "change-address" => ChangeAddress,
+    "switch-uplink" => SwitchUplink,
+    "nat-rebind" => NatRebind,
+    "sleep" => Sleep,
+    "start-probe" => StartProbe,
+    "stop-probe" => StopProbe,
+    "start-transfer" => StartTransfer,
+    "finish-transfer" => FinishTransfer,
 }

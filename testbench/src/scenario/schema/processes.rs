@@ -61,6 +61,34 @@ pub struct StartClient {
     pub within: u64,
 }
 
+/// Start `count` clients one after another, each stopped before the next
+/// starts: each tunnel must come up within `within` seconds and each client
+/// stop cleanly. Reports the median and worst time to come up.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ConnectInTurn {
+    /// How many clients.
+    pub count: u32,
+    /// Seconds each tunnel may take to come up.
+    #[serde(default = "defaults::ten")]
+    pub within: u64,
+}
+
+/// `teletun status` on the laptop (with `json`, `teletun status --json`)
+/// exits 0 and prints every text in `expect`. Reports the first line.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Status {
+    /// Texts the output must contain.
+    pub expect: Vec<String>,
+    /// Ask for JSON.
+    #[serde(default)]
+    pub json: bool,
+    /// Seconds to wait for the texts to appear (asking again every 100 ms).
+    #[serde(default = "defaults::ten")]
+    pub within: u64,
+}
+
 /// Stop a client with a signal; it must exit 0 after cleaning up and report the stop.
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]

@@ -1,6 +1,7 @@
 //! What each step does, one file per family: `connectivity`, `dns`,
 //! `processes`, `changes` (to the cluster), `impairment`, `state` (of the
-//! laptop), `hostile` (floods, forgeries, intruders). [`perform`] sends each step kind to its function.
+//! laptop), `hostile` (floods, forgeries, intruders), `roaming` (the laptop's
+//! life: addresses, uplinks, NAT, sleep). [`perform`] sends each step kind to its function.
 
 mod changes;
 mod connectivity;
@@ -8,6 +9,7 @@ mod dns;
 mod hostile;
 mod impairment;
 mod processes;
+mod roaming;
 mod state;
 
 use anyhow::Result;
@@ -23,6 +25,8 @@ pub fn perform(case: &mut Case, step: &Step) -> Result<()> {
         Step::StopServer(s) => processes::stop_server(case, s),
         Step::StartClient(s) => processes::start_client(case, s),
         Step::StopClient(s) => processes::stop_client(case, s),
+        Step::ConnectInTurn(s) => processes::connect_in_turn(case, s),
+        Step::Status(s) => processes::status(case, s),
         Step::ClientExits(s) => processes::client_exits(case, s),
         Step::KillClient(s) => processes::kill_client(case, s),
         Step::CrashClient(s) => processes::crash_client(case, s),
@@ -57,5 +61,13 @@ pub fn perform(case: &mut Case, step: &Step) -> Result<()> {
         Step::PlantRecord(s) => hostile::plant_record(case, s),
         Step::ConnectLink(s) => hostile::connect_link(case, s),
         Step::Counter(s) => hostile::counter(case, s),
+        Step::ChangeAddress(s) => roaming::change_address(case, s),
+        Step::SwitchUplink(s) => roaming::switch_uplink(case, s),
+        Step::NatRebind(s) => roaming::nat_rebind(case, s),
+        Step::Sleep(s) => roaming::sleep(case, s),
+        Step::StartProbe(s) => roaming::start_probe(case, s),
+        Step::StopProbe(s) => roaming::stop_probe(case, s),
+        Step::StartTransfer(s) => roaming::start_transfer(case, s),
+        Step::FinishTransfer(s) => roaming::finish_transfer(case, s),
     }
 }

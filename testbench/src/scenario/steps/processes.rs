@@ -8,7 +8,8 @@ use anyhow::{bail, Context, Result};
 
 use super::super::case::Case;
 use super::super::schema::{
-    ClientExits, CrashClient, KillClient, LogContains, Run, StartClient, StartServer, StopClient, StopServer,
+    ClientExits, ConnectInTurn, CrashClient, KillClient, LogContains, Run, StartClient, StartServer, Status,
+    StopClient, StopServer,
 };
 use super::super::values::{CrashPoint, KillMode, Role};
 use crate::cluster::ClientOptions;
@@ -17,9 +18,17 @@ use crate::exec::{self, Background};
 /// `start-server`: one role alone.
 pub fn start_server(case: &mut Case, s: &StartServer) -> Result<()> {
     match s.role {
-        Role::ServerCluster => case.cluster_mut().start_server_cluster(),
-        Role::ServerExternal => case.cluster_mut().start_server_external(),
+        Role::ServerCluster => case.cluster_mut().start_server_cluster()?,
+        Role::ServerExternal => case.cluster_mut().start_server_external()?,
     }
+    if case.roaming.probe.is_some() {
+        // A probe running across a restart times its first reply from here.
+        case.roaming.mark = Some(match s.role {
+            Role::ServerCluster => ("server-cluster was back", Instant::now()),
+            Role::ServerExternal => ("server-external was back", Instant::now()),
+        });
+    }
+    Ok(())
 }
 
 /// `stop-server`: it must exit, with 0 unless killed.
@@ -67,6 +76,75 @@ pub fn start_client(case: &mut Case, s: &StartClient) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// `connect-in-turn`: clients one after another, each up within the time
+/// allowed and stopped cleanly; reports the median and worst time to come up.
+pub fn connect_in_turn(case: &mut Case, s: &ConnectInTurn) -> Result<()> {
+    let mut times = Vec::new();
+    for i in 1..=s.count {
+        let cmd = case.cluster().client_command(&ClientOptions::default())?;
+        let name = format!("turn-{i}");
+        let log = case.cluster().dir.join(format!("client-{name}.log"));
+        case.client_logs.insert(name.clone(), log.clone());
+        let started = Instant::now();
+        let mut c = Background::spawn(&format!("client {name}"), cmd, &log)?;
+        c.wait_for_log("is up", Duration::from_secs(s.within))
+            .with_context(|| format!("client {i} of {}", s.count))?;
+        times.push(started.elapsed());
+        c.signal(libc::SIGINT);
+        let status = c.wait(Duration::from_secs(10))?;
+        if !status.success() {
+            bail!(
+                "client {i} of {} exited with {status}: {}",
+                s.count,
+                exec::last_lines(&c.log_text(), 3)
+            );
+        }
+    }
+    times.sort();
+    let ms = |d: Duration| d.as_millis();
+    case.detail = Some(format!(
+        "{} of {} up; median {} ms, worst {} ms",
+        times.len(),
+        s.count,
+        times.get(times.len() / 2).map_or(0, |d| ms(*d)),
+        times.last().map_or(0, |d| ms(*d))
+    ));
+    Ok(())
+}
+
+/// `status`: `teletun status` shows every expected text (asked again until
+/// it does, or `within` passes).
+pub fn status(case: &mut Case, s: &Status) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(s.within);
+    loop {
+        let mut c = case.cluster().laptop.cmd(&case.cluster().teletun);
+        c.arg("status");
+        if s.json {
+            c.arg("--json");
+        }
+        let out = exec::output(c, Duration::from_secs(10))?;
+        let text = out.both();
+        let missing: Vec<&String> = s.expect.iter().filter(|e| !text.contains(e.as_str())).collect();
+        if out.status.success() && missing.is_empty() {
+            // The state: the first line of text, the state's line of JSON.
+            let shown = |l: &&str| {
+                if s.json {
+                    l.contains("\"state\"")
+                } else {
+                    !l.trim().is_empty()
+                }
+            };
+            case.detail = text.lines().find(shown).map(|l| l.trim().to_owned());
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("teletun status ({}) lacks {missing:?}: {text}", out.status);
+        }
+        exec::check_interrupted()?;
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 fn take_client(case: &mut Case, name: &str) -> Result<Background> {
