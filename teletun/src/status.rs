@@ -102,6 +102,9 @@ pub struct Report {
     pub path_mtu: Option<usize>,
     /// The TUN's MTU.
     pub tunnel_mtu: Option<usize>,
+    /// The largest packet that passes both ways, probed.
+    #[serde(default)]
+    pub packet_limit: Option<usize>,
 }
 
 /// Seconds since the Unix epoch now.
@@ -150,6 +153,7 @@ impl Board {
                 last_handshake: None,
                 path_mtu: None,
                 tunnel_mtu: None,
+                packet_limit: None,
             }),
             live: Mutex::new(None),
         }
@@ -233,7 +237,15 @@ where
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
         .with_context(|| format!("cannot make {} private", path.display()))?;
     let task = tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
+        loop {
+            let mut stream = match listener.accept().await {
+                Ok((stream, _)) => stream,
+                // Out of descriptors a moment: the socket must stay answered.
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
             let mut report = board.report();
             report.routes = routes().await;
             if let Ok(mut json) = serde_json::to_vec(&report) {
@@ -356,6 +368,9 @@ pub fn render(r: &Report, verbose: bool, now: u64) -> String {
     out += &format!("\n  addresses {}", addresses.join(", "));
     if let (Some(tunnel), Some(path)) = (r.tunnel_mtu, r.path_mtu) {
         out += &format!("; MTU {tunnel} (path MTU {path})");
+    }
+    if let Some(limit) = r.packet_limit {
+        out += &format!("; packets up to {limit} bytes pass both ways (probed)");
     }
     out += &format!("\n  routes: {}", r.routes.len());
     if verbose {

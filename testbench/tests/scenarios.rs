@@ -167,6 +167,11 @@ fn a_sprayer_behind_the_laptops_nat_keeps_no_client_out() {
 }
 
 #[test]
+fn an_mtu_black_hole_is_found_and_bulk_transfers_complete() {
+    run_scenario("mtu-black-hole.toml");
+}
+
+#[test]
 fn every_scenario_file_has_a_test() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scenarios");
     let this = std::fs::read_to_string(file!()).unwrap_or_else(|_| {

@@ -287,6 +287,11 @@ impl PacketRefs {
         self.refs.is_empty()
     }
 
+    /// The references themselves.
+    pub fn iter(&self) -> impl Iterator<Item = &PacketRef> {
+        self.refs.iter()
+    }
+
     /// The packets, read from `batch`.
     pub fn packets<'a>(&'a self, batch: &'a PacketBatch) -> impl Iterator<Item = &'a [u8]> + 'a {
         self.refs.iter().map(move |r| {

@@ -160,6 +160,8 @@ pub fn lost_on_the_way(e: &io::Error) -> bool {
                 | libc::EADDRNOTAVAIL
                 | libc::EPERM
                 | libc::ENOBUFS
+                // A UDP socket being connected anew (the client moved).
+                | libc::EDESTADDRREQ
         )
     )
 }

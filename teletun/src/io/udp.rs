@@ -61,6 +61,12 @@ impl Udp {
             (libc::IPPROTO_IP, libc::IP_MTU_DISCOVER, libc::IP_PMTUDISC_DO)
         };
         set_int(fd, level, opt, val).context("cannot set DF on the UDP socket")?;
+        if bind.is_ipv6() {
+            // A dual-stack socket sends IPv4 too; that takes the IPv4 option
+            // (without it, routers fragment what should have been refused).
+            set_int(fd, libc::IPPROTO_IP, libc::IP_MTU_DISCOVER, libc::IP_PMTUDISC_DO)
+                .context("cannot set DF for IPv4 on the UDP socket")?;
+        }
         let gro = set_int(fd, libc::SOL_UDP, libc::UDP_GRO, 1).is_ok();
         s.bind(&bind.into())
             .with_context(|| format!("cannot bind UDP {bind}"))?;

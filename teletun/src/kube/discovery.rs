@@ -16,6 +16,9 @@ pub struct LookupError {
     pub error: anyhow::Error,
     /// Trying again will not help: the pod is gone, or the API refuses us.
     pub lasting: bool,
+    /// The pod is not there (404): lasting for a first lookup, but a pod
+    /// may be recreated under its name.
+    pub gone: bool,
 }
 
 /// Whether the API's answer will be the same next time: not found, or not allowed.
@@ -28,7 +31,11 @@ fn lasting(e: &kube::Error) -> bool {
 pub async fn server_address(kube: &Kube, name: &str) -> Result<IpAddr, LookupError> {
     let ns = kube.namespace.as_str();
     let pods: Api<Pod> = Api::namespaced(kube.client.clone(), ns);
-    let passing = |error: anyhow::Error| LookupError { error, lasting: false };
+    let passing = |error: anyhow::Error| LookupError {
+        error,
+        lasting: false,
+        gone: false,
+    };
     let pod = match pods.get(name).await {
         Ok(p) => p,
         Err(kube::Error::Api(s)) if s.code == 404 => {
@@ -37,6 +44,7 @@ pub async fn server_address(kube: &Kube, name: &str) -> Result<IpAddr, LookupErr
                     "pod {name} not found in namespace {ns}: is server-external deployed there? (-pod, --namespace)"
                 ),
                 lasting: true,
+                gone: true,
             })
         }
         Err(e) => {
@@ -44,6 +52,7 @@ pub async fn server_address(kube: &Kube, name: &str) -> Result<IpAddr, LookupErr
             return Err(LookupError {
                 error: kube.explain(e, "get", "pods", Some(ns)),
                 lasting,
+                gone: false,
             });
         }
     };
@@ -68,6 +77,7 @@ pub async fn server_address(kube: &Kube, name: &str) -> Result<IpAddr, LookupErr
         LookupError {
             error: kube.explain(e, "get", "nodes", None),
             lasting,
+            gone: false,
         }
     })?;
     node_address(&node).ok_or_else(|| {

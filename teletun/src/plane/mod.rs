@@ -232,14 +232,19 @@ impl DataPlane {
     {
         let peer = Arc::new(PeerAddress::new(session.peer));
         let (mut plane, exits) = Self::new(peer.clone())?;
-        let Session { outbound, inbound, .. } = session;
-        let (stats, udp_out, peer_out) = (plane.outbound.clone(), udp.clone(), peer.clone());
+        let Session {
+            outbound,
+            inbound,
+            path,
+            ..
+        } = session;
+        let (stats, udp_out, peer_out, path_out) = (plane.outbound.clone(), udp.clone(), peer.clone(), path.clone());
         plane.spawn(names.outbound, &exits, move |stop| {
-            tunnel::run_outbound(source, outbound, &udp_out, &peer_out, &stats, stop)
+            tunnel::run_outbound(source, outbound, &path_out, &udp_out, &peer_out, &stats, stop)
         })?;
         let stats = plane.inbound.clone();
         plane.spawn(names.inbound, &exits, move |stop| {
-            tunnel::run_inbound(&udp, inbound, sink, &accept, &peer, &stats, stop)
+            tunnel::run_inbound(&udp, (inbound, &path), sink, &accept, &peer, &stats, stop)
         })?;
         Ok(plane)
     }

@@ -9,11 +9,23 @@ use crate::io::sys::{self, StopSignal, Wake};
 use crate::io::udp::{PeerAddress, Udp};
 use crate::io::{FrameSink, FrameSource, PacketSource};
 use crate::proto::packet;
+use crate::tunnel::pmtu::{self, PathState};
 use crate::tunnel::{self, Inbound, Outbound};
+
+/// Clamps the MSS of TCP SYNs among `batch`'s packets to what the path
+/// carries both ways.
+fn clamp_syns(batch: &mut PacketBatch, path: &PathState) {
+    let limit = path.clamp_limit();
+    for i in 0..batch.len() {
+        let (buf, start, len) = batch.buffer_mut(i);
+        pmtu::clamp_mss(&mut buf[start..start + len], limit);
+    }
+}
 
 pub(super) fn run_outbound<S: PacketSource>(
     mut source: S,
     mut outbound: Box<dyn Outbound>,
+    path: &PathState,
     udp: &Udp,
     peer: &PeerAddress,
     stats: &DirectionStats,
@@ -22,7 +34,8 @@ pub(super) fn run_outbound<S: PacketSource>(
     let headroom = outbound.headroom();
     let buffer = (headroom + outbound.max_packet() + outbound.tailroom()).max(2048);
     let mut batch = PacketBatch::with_capacity(BATCH_SIZE, buffer);
-    let mut control = PacketBatch::with_capacity(2, 256);
+    // Heartbeats, reports, and a round of path probes (up to a full-size packet each).
+    let mut control = PacketBatch::with_capacity(16, buffer);
     let mut dest = peer.reader();
     let result = loop {
         let now = tunnel::now();
@@ -49,6 +62,7 @@ pub(super) fn run_outbound<S: PacketSource>(
                 break;
             }
             let bytes: usize = batch.iter().map(<[u8]>::len).sum();
+            clamp_syns(&mut batch, path);
             let sealed = outbound.encapsulate(tunnel::now(), &mut batch).map_err(to_io)?;
             let refused = udp.send(&batch, dest.get())?;
             DirectionStats::add(&stats.refused, sealed.oversize + refused);
@@ -73,9 +87,10 @@ const RECEIVE_BUFFERS: usize = 8;
 /// Frames built per write batch (64 KiB each).
 const FRAME_BUFFERS: usize = 8;
 
+/// `half`: the session's receiving half, and what it learns of the path.
 pub(super) fn run_inbound<K: FrameSink>(
     udp: &Udp,
-    mut inbound: Box<dyn Inbound>,
+    half: (Box<dyn Inbound>, &PathState),
     mut sink: K,
     accept: &Accept,
     peer: &PeerAddress,
@@ -88,6 +103,7 @@ pub(super) fn run_inbound<K: FrameSink>(
     let mut frames = PacketBatch::with_capacity(FRAME_BUFFERS, BUFFER_SIZE);
     let mut coalescer = Coalescer::new(sink.capabilities());
     let mut dest = peer.reader();
+    let (mut inbound, path) = half;
     loop {
         match sys::wait_or_stop(udp.fd(), stop, None)? {
             Wake::Stop => return Ok(()),
@@ -114,6 +130,12 @@ pub(super) fn run_inbound<K: FrameSink>(
             }
             if !reply.is_empty() {
                 udp.send(&reply, dest.get())?;
+            }
+            let limit = path.clamp_limit();
+            for r in packets.iter() {
+                let (buf, _, _) = batch.buffer_mut(usize::from(r.buffer));
+                let (start, len) = (r.start as usize, r.len as usize);
+                pmtu::clamp_mss(&mut buf[start..start + len], limit);
             }
             let merged_before = coalescer.stats.merged;
             for p in packets.packets(&batch) {

@@ -76,6 +76,9 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const RECONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// A reconnection's TLS handshake and greeting.
 const RECONNECT_STEP_TIMEOUT: Duration = Duration::from_secs(3);
+/// A session shorter than this keeps the backoff going (a server that
+/// fails each session at once is not hammered).
+const SHORT_SESSION: Duration = Duration::from_secs(1);
 /// How long a burst of address and route changes takes to settle.
 const SETTLE: Duration = Duration::from_millis(20);
 
@@ -233,19 +236,35 @@ async fn undo(changes: &mut Changes) -> Result<()> {
 struct Failure {
     error: anyhow::Error,
     /// Trying again will not help: a key the other side refuses, a refusal
-    /// that lasts, a pod that is gone.
+    /// that lasts, an API that forbids.
     lasting: bool,
+    /// The server-external pod is not in the API (it may be recreated under
+    /// its name; gone for [`POD_GONE_LIMIT`], it counts as lasting).
+    pod_gone: bool,
 }
+
+/// How long server-external's pod may be missing from the API while the
+/// client reconnects before it gives up (a pod recreated under its name,
+/// as a StatefulSet's is, comes back within it).
+const POD_GONE_LIMIT: Duration = Duration::from_secs(30);
 
 impl Failure {
     fn lasting(error: anyhow::Error) -> Self {
-        Failure { error, lasting: true }
+        Failure {
+            error,
+            lasting: true,
+            pod_gone: false,
+        }
     }
 }
 
 impl From<anyhow::Error> for Failure {
     fn from(error: anyhow::Error) -> Self {
-        Failure { error, lasting: false }
+        Failure {
+            error,
+            lasting: false,
+            pod_gone: false,
+        }
     }
 }
 
@@ -322,8 +341,18 @@ async fn connect_control(
             Err(Failure {
                 error,
                 lasting: !crate::proto::control::refusal_is_temporary(&why),
+                pod_gone: false,
             })
         }
+    }
+}
+
+/// Stops a blocking handshake when its caller goes away.
+struct StopOnDrop(Arc<crate::io::sys::StopSignal>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.stop();
     }
 }
 
@@ -356,9 +385,13 @@ async fn data_handshake(config: &ClientConfig, server: SocketAddr) -> Result<Dat
     )?;
     let udp = Arc::new(udp);
     let shaking = udp.clone();
-    let result = tokio::task::spawn_blocking(move || plane::handshake(&shaking, hs.as_mut(), None))
+    // An attempt given up (a signal) stops its handshake thread too.
+    let stop = StopOnDrop(Arc::new(crate::io::sys::StopSignal::new()?));
+    let stopper = stop.0.clone();
+    let result = tokio::task::spawn_blocking(move || plane::handshake(&shaking, hs.as_mut(), Some(&stopper)))
         .await
         .map_err(anyhow::Error::from)?;
+    drop(stop);
     let session = match result {
         Ok(s) => s,
         Err(TunnelError::PeerKeyNotPinned(p)) => {
@@ -487,42 +520,70 @@ async fn session(
     let (mut control, mut link, mut installed) = first;
     crate::crashpoint::reached("mid-traffic").await;
     let mut watch = ChangeWatch::start()?;
-    let mut server = config.server;
     let mut first_start = Some(started);
+    let mut repairs = Repairs {
+        server: config.server,
+        backoff: Backoff::new(),
+    };
     loop {
+        let began = tokio::time::Instant::now();
         let served = serve_link(control, link, &installed, signals, &mut watch, first_start.take()).await?;
-        let lost = match served {
+        let mut lost = match served {
             Served::Signal(sig) => return Ok(End::Signal(sig)),
             Served::Lost(why) => why,
         };
+        // A session that ends soon after it began is no reason to hurry:
+        // the backoff goes on from where it was, and waits first.
+        let short = began.elapsed() < SHORT_SESSION;
+        if short {
+            let wait = repairs.backoff.next(random_u32());
+            tokio::select! {
+                biased;
+                sig = signals.next() => return Ok(End::Signal(sig)),
+                () = tokio::time::sleep(wait) => {}
+            }
+        } else {
+            repairs.backoff = Backoff::new();
+        }
         warn!(
             "{lost}; reconnecting; {} keeps its addresses, routes and DNS meanwhile",
             installed.tun.name()
         );
-        installed.board.update(|r| {
-            r.state = State::Reconnecting {
-                since: status::unix_now(),
-                attempt: 1,
-                lost: lost.clone(),
-                last_error: None,
+        (control, link) = loop {
+            installed.board.update(|r| {
+                r.state = State::Reconnecting {
+                    since: status::unix_now(),
+                    attempt: 1,
+                    lost: lost.clone(),
+                    last_error: None,
+                }
+            });
+            let again = match reconnect(config, cluster, &mut repairs, &installed, signals, &mut watch, &lost).await {
+                Reconnected::Signal(sig) => return Ok(End::Signal(sig)),
+                Reconnected::GaveUp(why) => {
+                    installed.board.update(|r| r.state = State::GaveUp { why: why.clone() });
+                    return Ok(End::GaveUp(why));
+                }
+                Reconnected::Again(again) => again,
+            };
+            let (mut c, l) = *again;
+            match installed.adopt(&c.hello, &l).await {
+                Ok(()) => {
+                    installed.board.update(|r| {
+                        connected(r, &c, &l);
+                        r.connections += 1;
+                    });
+                    break (c, l);
+                }
+                Err(e) => {
+                    // This machine refused what the new connection asks:
+                    // leave it, and try again (the backoff goes on).
+                    c.leave().await;
+                    lost = format!("{lost}; then this machine could not follow the new connection: {e:#}");
+                    warn!("{lost}; reconnecting");
+                }
             }
-        });
-        match reconnect(config, cluster, &mut server, &installed, signals, &mut watch, &lost).await {
-            Reconnected::Signal(sig) => return Ok(End::Signal(sig)),
-            Reconnected::GaveUp(why) => {
-                installed.board.update(|r| r.state = State::GaveUp { why: why.clone() });
-                return Ok(End::GaveUp(why));
-            }
-            Reconnected::Again(again) => {
-                let (c, l) = *again;
-                installed.adopt(&c.hello, &l).await?;
-                installed.board.update(|r| {
-                    connected(r, &c, &l);
-                    r.connections += 1;
-                });
-                (control, link) = (c, l);
-            }
-        }
+        };
     }
 }
 
@@ -636,6 +697,9 @@ async fn serve_link(
     let server = control.server;
     let local = link.udp.local_addr()?.ip();
     let udp = link.udp.clone();
+    let path = link.session.path.clone();
+    let mut path_known = false;
+    let mut check = tokio::time::interval(Duration::from_millis(250));
     let tun = &installed.tun;
     let mut plane = DataPlane::tunnel(
         Names {
@@ -681,6 +745,11 @@ async fn serve_link(
                 Ok(()) => format!("the data plane's {} stopped", exit.name),
                 Err(e) => format!("the data plane failed: {}: {e}", exit.name),
             }),
+            _ = check.tick(), if !path_known => if let Some(limit) = path.both_ways() {
+                path_known = true;
+                installed.board.update(|r| r.packet_limit = Some(limit));
+                fit_tun_to_path(installed, limit, link.tunnel_mtu).await;
+            },
             () = watch.changed(SETTLE) => match source_towards(server) {
                 Some(now) if now == local => {}
                 now => break Served::Lost(format!(
@@ -713,6 +782,35 @@ async fn serve_link(
     Ok(end)
 }
 
+/// Sets the TUN's MTU to what the path carries both ways (`limit`, probed),
+/// never above `most` (what the kernel's path MTU allows) nor, with IPv6 on
+/// the TUN, below IPv6's 1280 (TCP's MSS is clamped to `limit` anyway).
+async fn fit_tun_to_path(installed: &Installed, limit: usize, most: usize) {
+    let floor = if installed.addresses.iter().any(IpAddr::is_ipv6) {
+        1280
+    } else {
+        576
+    };
+    let mtu = limit.max(floor).min(most);
+    let name = installed.tun.name();
+    let now: Option<usize> = std::fs::read_to_string(format!("/sys/class/net/{name}/mtu"))
+        .ok()
+        .and_then(|t| t.trim().parse().ok());
+    if now == Some(mtu) {
+        return;
+    }
+    let set = async {
+        let netlink = Netlink::connect()?;
+        netlink.set_mtu(installed.tun.index()?, mtu as u32).await
+    };
+    match set.await {
+        Ok(()) => {
+            info!("packets over {limit} bytes do not pass both ways (probed): {name} MTU {mtu}, TCP MSS clamped to fit")
+        }
+        Err(e) => warn!("cannot set {name}'s MTU to {mtu}: {e:#}"),
+    }
+}
+
 /// The source address this machine would use towards `server` now (`None`:
 /// no route).
 fn source_towards(server: SocketAddr) -> Option<IpAddr> {
@@ -720,6 +818,13 @@ fn source_towards(server: SocketAddr) -> Option<IpAddr> {
     let probe = std::net::UdpSocket::bind(any).ok()?;
     probe.connect(server).ok()?;
     Some(probe.local_addr().ok()?.ip())
+}
+
+/// What reconnections carry from one to the next.
+struct Repairs {
+    /// Where server-external is (it may move with its pod).
+    server: SocketAddr,
+    backoff: Backoff,
 }
 
 /// How a reconnection ended.
@@ -766,14 +871,15 @@ fn random_u32() -> u32 {
 async fn reconnect(
     config: &ClientConfig,
     cluster: Option<&ClusterView>,
-    server: &mut SocketAddr,
+    repairs: &mut Repairs,
     installed: &Installed,
     signals: &mut Signals,
     watch: &mut ChangeWatch,
     lost: &str,
 ) -> Reconnected {
+    let Repairs { server, backoff } = repairs;
     let since = tokio::time::Instant::now();
-    let mut backoff = Backoff::new();
+    let mut gone_since = None;
     let mut attempt = 0u32;
     loop {
         attempt += 1;
@@ -795,6 +901,18 @@ async fn reconnect(
             Err(f) => f,
         };
         let waited = since.elapsed();
+        if failure.pod_gone {
+            let gone = *gone_since.get_or_insert_with(tokio::time::Instant::now);
+            if gone.elapsed() >= POD_GONE_LIMIT {
+                return Reconnected::GaveUp(format!(
+                    "{lost}, and server-external's pod has been gone for {} s: {:#}",
+                    POD_GONE_LIMIT.as_secs(),
+                    failure.error
+                ));
+            }
+        } else {
+            gone_since = None;
+        }
         if failure.lasting {
             return Reconnected::GaveUp(format!(
                 "{lost}, and reconnecting failed in a way that will not change: {:#}",
@@ -825,8 +943,8 @@ async fn reconnect(
             info!("reconnection attempt {attempt} failed: {:#}", failure.error);
         }
         let mut until = began + backoff.next(random_u32());
-        if let Some(limit) = config.give_up_after {
-            until = until.min(since + limit);
+        if let Some(end) = config.give_up_after.and_then(|limit| since.checked_add(limit)) {
+            until = until.min(end);
         }
         tokio::select! {
             biased;
@@ -847,15 +965,25 @@ async fn attempt_once(
     installed: &Installed,
 ) -> Result<(Control, DataLink), Failure> {
     if let Some((c, pod)) = cluster.and_then(|c| c.pod.as_ref().map(|p| (c, p))) {
-        match discovery::server_address(&c.kube, pod).await {
-            Ok(ip) if ip != server.ip() => {
+        // The API's connection may be as dead as ours was: a bounded wait.
+        let looked_up = tokio::time::timeout(RECONNECT_STEP_TIMEOUT, discovery::server_address(&c.kube, pod)).await;
+        match looked_up {
+            Ok(Ok(ip)) if ip != server.ip() => {
                 info!("server-external {pod} now runs on a node reachable at {ip}");
                 server.set_ip(ip);
             }
-            Ok(_) => {}
-            Err(e) if e.lasting => return Err(Failure::lasting(e.error)),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) if e.gone => {
+                return Err(Failure {
+                    error: e.error,
+                    lasting: false,
+                    pod_gone: true,
+                })
+            }
+            Ok(Err(e)) if e.lasting => return Err(Failure::lasting(e.error)),
             // The API may be out of reach too; the last address may still work.
-            Err(e) => warn!("cannot look server-external up again ({:#}); trying {server}", e.error),
+            Ok(Err(e)) => warn!("cannot look server-external up again ({:#}); trying {server}", e.error),
+            Err(_) => warn!("the Kubernetes API did not answer within {RECONNECT_STEP_TIMEOUT:?}; trying {server}"),
         }
     }
     let mut control = connect_control(config, *server, RECONNECT_TIMEOUT, RECONNECT_STEP_TIMEOUT).await?;
@@ -868,7 +996,11 @@ async fn attempt_once(
             )));
         }
     }
-    let link = data_handshake(config, *server).await?;
+    // The keys were checked on the control connection a moment ago: a key
+    // refusal now is someone on the path, not a lasting answer.
+    let link = data_handshake(config, *server)
+        .await
+        .map_err(|f| Failure { lasting: false, ..f })?;
     Ok((control, link))
 }
 
@@ -994,6 +1126,8 @@ fn connected(r: &mut status::Report, control: &Control, link: &DataLink) {
     r.last_handshake = Some(now);
     r.path_mtu = Some(link.path_mtu);
     r.tunnel_mtu = Some(link.tunnel_mtu);
+    // The new session probes the path again.
+    r.packet_limit = None;
 }
 
 /// Reads the routes into TUN `index` from the kernel, for `teletun status`.

@@ -317,7 +317,13 @@ async fn serve(
         }
     };
     // One client at a time.
-    if let Err(current) = shared.serving.claim(peer, SLOT_GRACE).await {
+    // A client that leaves while it waits stops waiting (it would otherwise
+    // count as wanting the slot, and might get it).
+    let claimed = tokio::select! {
+        r = shared.serving.claim(peer, SLOT_GRACE) => r,
+        _ = channel::wait_closed(&mut control) => return Ok(()),
+    };
+    if let Err(current) = claimed {
         info!("refusing {peer}: already serving {current}");
         return refuse(
             &mut control,

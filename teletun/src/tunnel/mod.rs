@@ -15,6 +15,7 @@
 
 pub mod dtls;
 pub mod liveness;
+pub mod pmtu;
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
@@ -128,6 +129,8 @@ pub struct Session {
     pub peer: Option<SocketAddr>,
     /// What was negotiated, for logs ("DTLS 1.2 ECDHE-ECDSA-AES128-GCM-SHA256").
     pub description: String,
+    /// What the session found out about the path (the largest packet that passes).
+    pub path: std::sync::Arc<pmtu::PathState>,
 }
 
 /// What [`Outbound::encapsulate`] did.

@@ -116,6 +116,7 @@ impl Step {
                 s.direction
             ),
             Step::FinishTransfer(_) => "the background transfer completes, SHA-256 equal".into(),
+            Step::MtuBlackHole(s) => format!("an MTU black hole at {} bytes between the laptop and the nodes", s.mtu),
         }
     }
 

@@ -327,6 +327,10 @@ pub fn check(topology: &Topology, steps: &[Step], profiles: &BTreeSet<String>) -
                     "the laptop's home LAN is the first cluster's uplink (and there only with lan = true)".into(),
                 )
             }
+            Step::MtuBlackHole(s) if !(576..=1500).contains(&s.mtu) => problem(
+                "mtu",
+                format!("{} is out of range; the allowed values are 576 to 1500", s.mtu),
+            ),
             Step::StartProbe(s) => {
                 if std::mem::replace(&mut probing, true) {
                     problem("do", "a probe already runs; stop-probe first".into());

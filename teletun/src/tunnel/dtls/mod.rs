@@ -31,6 +31,7 @@ use openssl::x509::X509VerifyResult;
 
 use self::record::{content, Dropped, Opener, Record, Sealer, SessionKeys, Suite, OVERHEAD, PREFIX_LEN, TAG_LEN};
 use super::liveness::{Due, Liveness};
+use super::pmtu::{self, PathState, Prober};
 use super::{Decapsulated, Encapsulated, Handshake, Inbound, Outbound, Session, Time, TunnelError};
 use crate::io::batch::{PacketBatch, PacketRef, PacketRefs};
 use crate::keys::{Identity, PinnedKey};
@@ -429,11 +430,15 @@ impl DtlsHandshake {
         master.fill(0);
         let (sealer, opener) = keys.split(self.role == Role::Client);
         let liveness = Arc::new(Liveness::standard(now));
+        let max_packet = self.mtu - OVERHEAD;
+        let path = Arc::new(PathState::new(max_packet));
         Ok(Session {
             outbound: Box::new(DtlsOutbound {
                 sealer,
                 liveness: liveness.clone(),
-                max_packet: self.mtu - OVERHEAD,
+                max_packet,
+                prober: Prober::new(now, max_packet),
+                path: path.clone(),
             }),
             // OpenSSL stays for the rest of the session to answer a
             // retransmitted final flight.
@@ -442,9 +447,11 @@ impl DtlsHandshake {
                 stream,
                 liveness,
                 peer: self.bound,
+                path: path.clone(),
             }),
             peer: self.bound,
             description: format!("DTLS 1.2 {cipher}"),
+            path,
         })
     }
 }
@@ -542,13 +549,27 @@ impl Handshake for DtlsHandshake {
 struct DtlsOutbound {
     sealer: Sealer,
     liveness: Arc<Liveness>,
+    /// The largest packet sent: the local path's, then what the probes found.
     max_packet: usize,
+    prober: Prober,
+    path: Arc<PathState>,
 }
 
 impl DtlsOutbound {
     fn seal_at(&mut self, content: u8, batch: &mut PacketBatch, i: usize) -> Result<bool, TunnelError> {
+        self.seal_within(content, batch, i, self.max_packet)
+    }
+
+    /// Seals record `i` if it is at most `limit` bytes.
+    fn seal_within(
+        &mut self,
+        content: u8,
+        batch: &mut PacketBatch,
+        i: usize,
+        limit: usize,
+    ) -> Result<bool, TunnelError> {
         let (buf, start, len) = batch.buffer_mut(i);
-        if len == 0 || len > self.max_packet || start < PREFIX_LEN || start + len + TAG_LEN > buf.len() {
+        if len == 0 || len > limit || start < PREFIX_LEN || start + len + TAG_LEN > buf.len() {
             return Ok(false);
         }
         let at = start - PREFIX_LEN;
@@ -558,6 +579,17 @@ impl DtlsOutbound {
             .map_err(|e| TunnelError::Failed(e.to_string()))?;
         batch.set_bounds(i, at, n);
         Ok(true)
+    }
+}
+
+impl DtlsOutbound {
+    /// Appends a sealed record with `plaintext`; whether it went in.
+    fn push_record(&mut self, out: &mut PacketBatch, plaintext: &[u8]) -> Result<bool, TunnelError> {
+        if !out.push_at(PREFIX_LEN, plaintext) {
+            return Ok(false);
+        }
+        let i = out.len() - 1;
+        self.seal_within(content::APPLICATION_DATA, out, i, usize::MAX)
     }
 }
 
@@ -599,22 +631,48 @@ impl Outbound for DtlsOutbound {
     }
 
     fn poll_timeout(&self) -> Time {
-        self.liveness.poll_timeout()
+        let live = self.liveness.poll_timeout();
+        self.prober.poll_timeout().map_or(live, |p| p.min(live))
     }
 
     fn handle_timeout(&mut self, now: Time, out: &mut PacketBatch) -> Result<(), TunnelError> {
-        match self.liveness.due(now) {
-            Due::Nothing => Ok(()),
-            Due::Silent(d) => Err(TunnelError::Silent(d)),
-            Due::Heartbeat => {
-                if out.push_at(PREFIX_LEN, HEARTBEAT) {
-                    let i = out.len() - 1;
-                    self.seal_at(content::APPLICATION_DATA, out, i)?;
-                }
-                self.liveness.sent(now);
-                Ok(())
-            }
+        let mut sent = false;
+        // What of the peer's probes reached us, the largest (it cannot wait for a heartbeat).
+        if let Some(size) = self.path.take_report() {
+            let size = u16::try_from(size).unwrap_or(u16::MAX).to_be_bytes();
+            sent |= self.push_record(out, &[pmtu::REPORT, size[0], size[1]])?;
         }
+        // A round of probes, largest first, each padded to its size; those
+        // that do not fit `out` go in the next round.
+        for size in self.prober.probes_due(now) {
+            let Some(buf) = out.next_free() else { break };
+            let Some(room) = buf.get_mut(PREFIX_LEN..PREFIX_LEN + size) else {
+                continue;
+            };
+            room.fill(0);
+            room[0] = pmtu::PROBE;
+            out.commit(PREFIX_LEN, size, None);
+            let i = out.len() - 1;
+            // Probes may exceed what we send today: that is what they are for.
+            sent |= self.seal_within(content::APPLICATION_DATA, out, i, usize::MAX)?;
+        }
+        if let Some(limit) = self.prober.settle(now, &self.path) {
+            if limit < self.max_packet {
+                tracing::info!(
+                    "packets over {limit} bytes do not reach the peer (the path's limit, probed); sending none larger"
+                );
+            }
+            self.max_packet = self.max_packet.min(limit);
+        }
+        match self.liveness.due(now) {
+            Due::Silent(d) => return Err(TunnelError::Silent(d)),
+            Due::Heartbeat if !sent => sent = self.push_record(out, HEARTBEAT)?,
+            Due::Heartbeat | Due::Nothing => {}
+        }
+        if sent {
+            self.liveness.sent(now);
+        }
+        Ok(())
     }
 
     fn close(&mut self, out: &mut PacketBatch) {
@@ -627,6 +685,8 @@ impl Outbound for DtlsOutbound {
 
 /// The receiving half: opens records; hands handshake records to OpenSSL.
 struct DtlsInbound {
+    /// Probes and reports of the path's size go here.
+    path: Arc<PathState>,
     opener: Opener,
     stream: SslStream<DatagramQueue>,
     liveness: Arc<Liveness>,
@@ -685,6 +745,14 @@ impl Inbound for DtlsInbound {
                             let body = &buf[r + plaintext.start..r + plaintext.end];
                             match content {
                                 content::APPLICATION_DATA if body == HEARTBEAT => {}
+                                content::APPLICATION_DATA if body.first() == Some(&pmtu::PROBE) => {
+                                    self.path.probe_arrived(body.len());
+                                }
+                                content::APPLICATION_DATA if body.first() == Some(&pmtu::REPORT) => {
+                                    if let [_, hi, lo] = *body {
+                                        self.path.peer_reported(usize::from(u16::from_be_bytes([hi, lo])));
+                                    }
+                                }
                                 content::APPLICATION_DATA => {
                                     packets.push(PacketRef {
                                         buffer: i as u16,
@@ -920,7 +988,10 @@ mod tests {
         exchange(&mut c, &mut s, |_, _| false);
         let (mut client, mut server) = sessions(&mut c, &mut s);
         let now = crate::tunnel::now();
-        let sent: Vec<Vec<u8>> = (0..6u8).map(|i| vec![i; if i == 5 { 300 } else { 1000 }]).collect();
+        // IP packets: the version nibble first (never a heartbeat, probe or report).
+        let sent: Vec<Vec<u8>> = (0..6u8)
+            .map(|i| vec![0x40 | i; if i == 5 { 300 } else { 1000 }])
+            .collect();
         let datagrams = seal(&mut client, now, &sent);
         // One buffer, datagrams back to back at a stride, as UDP_GRO delivers them.
         let train = datagrams.concat();
@@ -1107,9 +1178,35 @@ mod tests {
         let (mut client, mut server) = sessions(&mut c, &mut s);
         // The halves were made at real `now`; a fake clock starts there.
         let t0 = crate::tunnel::now();
-        let beat_at = client.outbound.poll_timeout();
-        assert!(beat_at > t0 && beat_at <= t0 + crate::tunnel::liveness::HEARTBEAT_INTERVAL);
+        // First a round of path probes, due at once; the peer takes them
+        // in (nothing delivered) and reports the largest.
+        let start = client.outbound.poll_timeout();
+        assert!(start <= t0);
         let mut out = PacketBatch::new();
+        client.outbound.handle_timeout(start, &mut out).unwrap();
+        let probes: Vec<Vec<u8>> = out.iter().map(<[u8]>::to_vec).collect();
+        assert!(probes.len() > 5, "a round of probes");
+        let (got, r, _) = open(&mut server, start, &probes, Some(client_addr()));
+        assert!(got.is_empty() && r.dropped == 0, "probes deliver nothing");
+        out.clear();
+        server.outbound.handle_timeout(start, &mut out).unwrap();
+        let report = out.get(0).to_vec();
+        let (got, _, _) = open(&mut client, start, &[report], None);
+        assert!(got.is_empty(), "a report delivers nothing");
+        assert_eq!(client.path.limit(), None, "not settled before its time");
+        // The next round goes out on its timer; the largest probe was
+        // reported, so it is the last, and the limit is the largest.
+        let round = client.outbound.poll_timeout();
+        assert!(round > start && round < start + crate::tunnel::pmtu::SETTLE_AFTER);
+        out.clear();
+        client.outbound.handle_timeout(round, &mut out).unwrap();
+        assert!(out.len() > 5, "another round of probes");
+        let largest = client.outbound.max_packet();
+        assert_eq!(client.path.limit(), Some(largest));
+        // A heartbeat when nothing else went out for an interval.
+        let beat_at = client.outbound.poll_timeout();
+        assert_eq!(beat_at, round + crate::tunnel::liveness::HEARTBEAT_INTERVAL);
+        out.clear();
         client.outbound.handle_timeout(beat_at, &mut out).unwrap();
         assert_eq!(out.len(), 1, "a heartbeat is due");
         let beat = out.get(0).to_vec();

@@ -152,4 +152,5 @@ steps! {
     "stop-probe" => StopProbe,
     "start-transfer" => StartTransfer,
     "finish-transfer" => FinishTransfer,
+    "mtu-black-hole" => MtuBlackHole,
 }

@@ -47,6 +47,16 @@ pub struct Sleep {
     pub client: String,
 }
 
+/// An MTU black hole between the laptop and the nodes: the router's links
+/// carry packets of at most `mtu` bytes, and it says nothing about larger
+/// ones (its ICMP "fragmentation needed" and "packet too big" are dropped).
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MtuBlackHole {
+    /// The largest IP packet that passes.
+    pub mtu: u32,
+}
+
 /// Starts pinging `to` from the laptop 100 times a second, until `stop-probe`.
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]

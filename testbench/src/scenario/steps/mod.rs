@@ -69,5 +69,6 @@ pub fn perform(case: &mut Case, step: &Step) -> Result<()> {
         Step::StopProbe(s) => roaming::stop_probe(case, s),
         Step::StartTransfer(s) => roaming::start_transfer(case, s),
         Step::FinishTransfer(s) => roaming::finish_transfer(case, s),
+        Step::MtuBlackHole(s) => roaming::mtu_black_hole(case, s),
     }
 }

@@ -10,7 +10,7 @@ use ipnet::IpNet;
 
 use super::super::case::Case;
 use super::super::schema::{
-    ChangeAddress, FinishTransfer, NatRebind, Sleep, StartProbe, StartTransfer, StopProbe, SwitchUplink,
+    ChangeAddress, FinishTransfer, MtuBlackHole, NatRebind, Sleep, StartProbe, StartTransfer, StopProbe, SwitchUplink,
 };
 use super::super::values::Uplink;
 use crate::cluster::{HomeLan, HOME_WAN_IF, SERVER_PORT};
@@ -53,12 +53,24 @@ pub fn change_address(case: &mut Case, s: &ChangeAddress) -> Result<()> {
         bail!("192.168.1.{host} cannot be the laptop's new address (it has {old}; .0, .1 and .255 are taken)");
     }
     let new = Ipv4Addr::new(192, 168, 1, host);
-    let laptop = &case.cluster().laptop.ns;
+    let laptop = case.cluster().laptop.ns.clone();
+    // The old goes first, as DHCP does it (a second address on the subnet
+    // would go with the first).
     laptop.run("ip", &["addr", "del", &format!("{old}/24"), "dev", "eth0"])?;
     let t = Instant::now();
-    laptop.netlink()?.add_address("eth0", IpNet::new(new.into(), 24)?)?;
-    route_default_via(laptop, lan.router_ip())?;
+    let added = laptop
+        .netlink()
+        .and_then(|n| n.add_address("eth0", IpNet::new(new.into(), 24)?));
+    if let Err(e) = added {
+        // Put the old one back, so later steps find the laptop as they expect.
+        let _ = laptop
+            .netlink()
+            .and_then(|n| n.add_address("eth0", IpNet::new(old.into(), 24)?));
+        let _ = route_default_via(&laptop, lan.router_ip());
+        return Err(e.context(format!("cannot give the laptop {new}")));
+    }
     case.roaming.laptop_ip = Some(new);
+    route_default_via(&laptop, lan.router_ip())?;
     case.detail = Some(format!(
         "{old} → {new} ({} ms without an address)",
         t.elapsed().as_millis()
@@ -78,6 +90,8 @@ pub fn switch_uplink(case: &mut Case, s: &SwitchUplink) -> Result<()> {
                 bail!("the laptop already uses its second uplink");
             }
             netns::veth(&laptop, "eth1", &home, HOME_LAN2_IF)?;
+            // From here `first` undoes it, whatever fails below.
+            case.roaming.second_uplink = true;
             laptop
                 .netlink()?
                 .add_address("eth1", IpNet::new(Ipv4Addr::new(a, b, c, 10).into(), 24)?)?;
@@ -85,7 +99,6 @@ pub fn switch_uplink(case: &mut Case, s: &SwitchUplink) -> Result<()> {
                 .add_address(HOME_LAN2_IF, IpNet::new(Ipv4Addr::new(a, b, c, 1).into(), 24)?)?;
             route_default_via(&laptop, Ipv4Addr::new(a, b, c, 1))?;
             laptop.run("ip", &["link", "set", "eth0", "down"])?;
-            case.roaming.second_uplink = true;
             case.detail = Some(format!("eth1 {a}.{b}.{c}.10 up, eth0 down"));
         }
         Uplink::First => {
@@ -94,8 +107,12 @@ pub fn switch_uplink(case: &mut Case, s: &SwitchUplink) -> Result<()> {
             }
             laptop.run("ip", &["link", "set", "eth0", "up"])?;
             route_default_via(&laptop, HomeLan.router_ip())?;
-            laptop.run("ip", &["link", "del", "eth1"])?;
+            let _ = laptop.run("ip", &["link", "del", "eth1"]);
             case.roaming.second_uplink = false;
+            // Gone, or never fully made.
+            if laptop.netlink()?.has_link("eth1") {
+                bail!("eth1 is still on the laptop after unplugging it");
+            }
             case.detail = Some("eth0 up, eth1 unplugged".into());
         }
     }
@@ -150,11 +167,14 @@ pub fn nat_rebind(case: &mut Case, _: &NatRebind) -> Result<()> {
         std::thread::sleep(Duration::from_millis(20));
     };
     let show = |p: Option<u16>| p.map_or_else(|| "none".to_string(), |p| p.to_string());
-    if before.is_some() && before == after {
-        bail!(
-            "the client's UDP mapping kept port {}: the NAT did not rebind",
+    match (before, after) {
+        (Some(b), Some(a)) if a == b => bail!("the client's UDP mapping kept port {a}: the NAT did not rebind"),
+        (Some(_), Some(_)) => {}
+        _ => bail!(
+            "no UDP mapping of the client's to see rebind (before: {}, after: {}): is a client connected?",
+            show(before),
             show(after)
-        );
+        ),
     }
     case.detail = Some(format!("client's UDP mapping: port {} → {}", show(before), show(after)));
     Ok(())
@@ -186,6 +206,25 @@ pub fn sleep(case: &mut Case, s: &Sleep) -> Result<()> {
     asleep.context("cannot silence the laptop's network")?;
     awake.context("cannot wake the laptop's network")?;
     case.roaming.mark = Some(("waking", Instant::now()));
+    Ok(())
+}
+
+/// `mtu-black-hole`: the router's links carry at most `mtu` bytes and its
+/// ICMP "too big" messages are dropped.
+pub fn mtu_black_hole(case: &mut Case, s: &MtuBlackHole) -> Result<()> {
+    let router = case.cluster().router.clone();
+    let file = case.cluster().dir.join("black-hole.nft");
+    std::fs::write(
+        &file,
+        "table inet black-hole {\n  chain out {\n    type filter hook output priority 0; policy accept;\n    \
+         icmp type destination-unreachable icmp code frag-needed drop\n    icmpv6 type packet-too-big drop\n  }\n}\n",
+    )?;
+    router.run("nft", &["-f", &file.to_string_lossy()])?;
+    let mtu = s.mtu.to_string();
+    for link in ["to-laptop", "nodes"] {
+        router.run("ip", &["link", "set", link, "mtu", &mtu])?;
+    }
+    case.detail = Some(format!("router links at MTU {mtu}, its ICMP too-big dropped"));
     Ok(())
 }
 
@@ -229,6 +268,9 @@ pub fn start_probe(case: &mut Case, s: &StartProbe) -> Result<()> {
 /// `stop-probe`: the longest gap between replies, and the replies lost.
 pub fn stop_probe(case: &mut Case, s: &StopProbe) -> Result<()> {
     let mut probe = case.roaming.probe.take().context("no probe runs")?;
+    let stopped_at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs_f64();
     probe.signal(libc::SIGINT);
     probe.wait(Duration::from_secs(5))?;
     let log = probe.log_text();
@@ -237,9 +279,16 @@ pub fn stop_probe(case: &mut Case, s: &StopProbe) -> Result<()> {
         .lines()
         .find_map(|l| l.split(" packets transmitted").next()?.parse::<u64>().ok())
         .unwrap_or(0);
-    let Some((gap, from, to)) = longest_gap(&got) else {
+    let Some((mut gap, from, mut to)) = longest_gap(&got) else {
         bail!("the probe saw fewer than two replies: {}", exec::last_lines(&log, 3));
     };
+    // Silence at the end counts too: a tunnel that never came back must not pass.
+    if let Some((last, seq)) = got.last() {
+        let tail = (stopped_at - last) * 1000.0;
+        if tail > gap {
+            (gap, to) = (tail, seq + 1);
+        }
+    }
     let lost = sent.saturating_sub(got.len() as u64);
     let mut detail = format!(
         "longest gap {gap:.0} ms (icmp_seq {from} → {to}); {} of {sent} replies, {lost} lost",
