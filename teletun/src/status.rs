@@ -247,7 +247,11 @@ where
                 }
             };
             let mut report = board.report();
-            report.routes = routes().await;
+            report.routes = routes()
+                .await
+                .into_iter()
+                .filter(|r| !made_by_the_kernel(r, &report.addresses))
+                .collect();
             if let Ok(mut json) = serde_json::to_vec(&report) {
                 json.push(b'\n');
                 let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&json)).await;
@@ -255,6 +259,16 @@ where
         }
     });
     Ok(StatusServer { path, task })
+}
+
+/// Whether `route` is one the kernel adds for the TUN by itself: IPv6
+/// link-local, or the host route of one of its own addresses.
+fn made_by_the_kernel(route: &str, addresses: &[IpAddr]) -> bool {
+    match route.parse::<ipnet::IpNet>() {
+        Ok(ipnet::IpNet::V6(n)) if n.addr().is_unicast_link_local() => true,
+        Ok(n) => n.prefix_len() == n.max_prefix_len() && addresses.contains(&n.addr()),
+        Err(_) => false,
+    }
 }
 
 /// What a status socket answered.
@@ -325,7 +339,7 @@ fn amount(t: Traffic) -> String {
     } else if b >= 1e3 {
         (b / 1e3, "kB")
     } else {
-        (b, "B")
+        return format!("{} packets ({} B)", t.packets, t.bytes);
     };
     format!("{} packets ({v:.1} {unit})", t.packets)
 }
@@ -424,6 +438,17 @@ mod tests {
             r.tunnel_mtu = Some(1435);
         });
         board.report()
+    }
+
+    #[test]
+    fn routes_the_kernel_makes_for_the_tun_are_left_out() {
+        let own: Vec<IpAddr> = vec!["10.244.1.5".parse().unwrap(), "fd00:10:244:1::5".parse().unwrap()];
+        for kernel in ["fe80::/64", "fd00:10:244:1::5/128", "10.244.1.5/32"] {
+            assert!(made_by_the_kernel(kernel, &own), "{kernel}");
+        }
+        for cluster in ["10.244.0.0/16", "fd00:10:244::/48", "10.244.1.7/32"] {
+            assert!(!made_by_the_kernel(cluster, &own), "{cluster}");
+        }
     }
 
     #[test]
