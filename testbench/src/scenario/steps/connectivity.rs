@@ -8,7 +8,7 @@ use anyhow::{bail, Result};
 
 use super::super::case::Case;
 use super::super::schema::{ConnectBack, Http, Ping, Route, TcpEcho, Transfer, UdpEcho};
-use super::super::values::Target;
+use super::super::values::{Direction, Target};
 use crate::cluster::{ECHO_PORT, HTTP_PORT};
 use crate::exec::{self, Background};
 
@@ -69,20 +69,27 @@ pub fn connect_back(case: &mut Case, s: &ConnectBack) -> Result<()> {
     Ok(())
 }
 
-/// `transfer`: seeded bytes between the laptop and the app pod, SHA-256
-/// checked; reports the throughput.
-pub fn transfer(case: &mut Case, s: &Transfer) -> Result<()> {
+/// The laptop's agent moving `bytes` seeded bytes between it and the app pod
+/// (SHA-256 checked by the agent, which prints `ok: …`).
+pub fn blob_command(case: &Case, direction: Direction, bytes: u64, seed: u64) -> Result<std::process::Command> {
     let addr = SocketAddr::new(case.cluster().pod_address("app", false)?, crate::agent::BLOB_PORT);
     let me = std::env::current_exe()?;
     let mut c = case.cluster().laptop.cmd(&me);
     c.args([
         "agent",
         "blob",
-        s.direction.as_str(),
+        direction.as_str(),
         &addr.to_string(),
-        &s.bytes.to_string(),
-        &s.seed.to_string(),
+        &bytes.to_string(),
+        &seed.to_string(),
     ]);
+    Ok(c)
+}
+
+/// `transfer`: seeded bytes between the laptop and the app pod, SHA-256
+/// checked; reports the throughput.
+pub fn transfer(case: &mut Case, s: &Transfer) -> Result<()> {
+    let c = blob_command(case, s.direction, s.bytes, s.seed)?;
     let out = exec::output(c, Duration::from_secs(600))?;
     if !out.status.success() {
         bail!("{}", exec::last_lines(&out.both(), 2));

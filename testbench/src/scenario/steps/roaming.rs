@@ -2,7 +2,7 @@
 //! sleep; and the probe and background transfer that show what a session
 //! lived through.
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -322,17 +322,7 @@ pub fn start_transfer(case: &mut Case, s: &StartTransfer) -> Result<()> {
     if case.roaming.transfer.is_some() {
         bail!("a transfer already runs; finish-transfer first");
     }
-    let addr = SocketAddr::new(case.cluster().pod_address("app", false)?, crate::agent::BLOB_PORT);
-    let me = std::env::current_exe()?;
-    let mut c = case.cluster().laptop.cmd(&me);
-    c.args([
-        "agent",
-        "blob",
-        s.direction.as_str(),
-        &addr.to_string(),
-        &s.bytes.to_string(),
-        &s.seed.to_string(),
-    ]);
+    let c = super::connectivity::blob_command(case, s.direction, s.bytes, s.seed)?;
     let log = case.cluster().dir.join("background-transfer.log");
     case.roaming.transfer = Some((Background::spawn("background transfer", c, &log)?, Instant::now()));
     Ok(())
