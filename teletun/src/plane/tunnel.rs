@@ -117,12 +117,13 @@ pub(super) fn run_inbound<K: FrameSink>(
             }
             packets.clear();
             reply.clear();
+            let now = tunnel::now();
             let opened = inbound
-                .decapsulate(tunnel::now(), &mut batch, &mut packets, &mut reply)
+                .decapsulate(now, &mut batch, &mut packets, &mut reply)
                 .map_err(to_io)?;
             DirectionStats::add(&stats.refused, opened.dropped);
             if opened.authentic {
-                stats.heard(tunnel::now());
+                stats.heard(now);
             }
             if let Some(moved) = opened.peer_moved {
                 peer.set(moved);

@@ -642,8 +642,8 @@ impl Outbound for DtlsOutbound {
             let size = u16::try_from(size).unwrap_or(u16::MAX).to_be_bytes();
             sent |= self.push_record(out, &[pmtu::REPORT, size[0], size[1]])?;
         }
-        // A round of probes, largest first, each padded to its size; those
-        // that do not fit `out` go in the next round.
+        // A round of probes, smallest first, each padded to its size; those
+        // that do not fit `out` are left out of this round.
         for size in self.prober.probes_due(now) {
             let Some(buf) = out.next_free() else { break };
             let Some(room) = buf.get_mut(PREFIX_LEN..PREFIX_LEN + size) else {
