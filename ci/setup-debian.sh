@@ -14,3 +14,8 @@ if [ -n "$missing" ]; then
     # shellcheck disable=SC2086
     apt-get install -y -q --no-install-recommends $missing
 fi
+# The testbench's Kubernetes control plane: kube-apiserver and etcd, built once
+# from their pinned Go modules (testbench/controlplane/go.mod) into the
+# testbench cache outside the clone; later runs find them there.
+cd "$(dirname "$0")/.."
+cargo run -q --locked -p testbench -- setup

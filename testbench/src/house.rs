@@ -71,9 +71,11 @@ fn paths(code: &str) -> Vec<String> {
     let mut found = Vec::new();
     let mut rest = code;
     while let Some(i) = rest.find("use ") {
-        let before = rest[..i].chars().last();
+        // A `use` item starts its line (after `pub` or `pub(…)`); "use " inside a string does not.
+        let line_start = rest[..i].rfind('\n').map_or(0, |n| n + 1);
+        let lead = rest[line_start..i].trim();
         rest = &rest[i + 4..];
-        if before.is_some_and(|c| c.is_alphanumeric() || c == '_') {
+        if !(lead.is_empty() || lead == "pub" || (lead.starts_with("pub(") && lead.ends_with(')'))) {
             continue;
         }
         if let Some(end) = rest.find(';') {

@@ -45,6 +45,10 @@ enum Cmd {
         #[arg(long, default_value = "netns", value_parser = ["netns", "kind"])]
         backend: String,
     },
+    /// Build what the scenarios need once, into the testbench cache: the
+    /// Kubernetes control plane (kube-apiserver and etcd from their pinned Go
+    /// modules). ci/setup-debian.sh runs it; scenarios build it on first use too.
+    Setup,
     /// Write the JSON Schema of scenario files (docs/scenario.schema.json), for editors.
     Schema {
         /// Write it to this file instead of standard output.
@@ -212,11 +216,28 @@ fn load_scenarios(files: Vec<PathBuf>, select: &Selection) -> Result<Vec<(PathBu
     Ok(cases)
 }
 
+/// Builds the Kubernetes control plane (or finds it in the cache) and says which.
+fn control_plane() -> Result<()> {
+    use testbench::controlplane::build;
+    let built = build::binaries()?;
+    println!(
+        "control plane: kube-apiserver {} and etcd {}, built from their Go modules ({})",
+        build::KUBERNETES,
+        build::ETCD,
+        built.apiserver.parent().unwrap_or(Path::new("")).display()
+    );
+    Ok(())
+}
+
 fn run_scenarios(teletun: &Path, out: &Path, scenarios: Vec<(PathBuf, scenario::Scenario)>) -> Result<bool> {
     let work = out.join("runs");
     let mut results = Vec::new();
     let total = scenarios.len();
     let mut described = None;
+    // Build the control plane before the first case that needs it (once; cached).
+    if scenarios.iter().any(|(_, s)| s.topology.kubernetes) {
+        control_plane()?;
+    }
     for (i, (path, s)) in scenarios.iter().enumerate() {
         if described != Some(path) {
             println!(
@@ -322,6 +343,10 @@ fn main() -> ExitCode {
                 netns::remove_stale();
                 let teletun = find_teletun(cli.teletun)?;
                 run_scenarios(&teletun, &out, scenarios)
+            }
+            Cmd::Setup => {
+                control_plane()?;
+                Ok(true)
             }
             Cmd::Schema { out } => {
                 let schema = scenario::json_schema();

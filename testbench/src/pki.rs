@@ -23,9 +23,9 @@ pub struct Issued {
 
 /// Issues a certificate for common name `cn`, valid for a week: signed by
 /// `signer`, or self-signed without one. `ca` marks it as a CA (a self-signed
-/// certificate that peers pin as their trust anchor wants that too); `ip`
-/// adds an IP subject alternative name.
-pub fn issue(cn: &str, signer: Option<&Issued>, ca: bool, ip: Option<IpAddr>) -> Result<Issued> {
+/// certificate that peers pin as their trust anchor wants that too); `ips`
+/// become IP subject alternative names.
+pub fn issue(cn: &str, signer: Option<&Issued>, ca: bool, ips: &[IpAddr]) -> Result<Issued> {
     let group = EcGroup::from_curve_name(Nid::X9_62_PRIME256V1)?;
     let key = PKey::from_ec_key(EcKey::generate(&group)?)?;
     let mut name = X509Name::builder()?;
@@ -46,10 +46,12 @@ pub fn issue(cn: &str, signer: Option<&Issued>, ca: bool, ip: Option<IpAddr>) ->
     if ca {
         cert.append_extension(BasicConstraints::new().critical().ca().build()?)?;
     }
-    if let Some(ip) = ip {
-        let san = SubjectAlternativeName::new()
-            .ip(&ip.to_string())
-            .build(&cert.x509v3_context(signer.map(|s| &*s.cert), None))?;
+    if !ips.is_empty() {
+        let mut san = SubjectAlternativeName::new();
+        for ip in ips {
+            san.ip(&ip.to_string());
+        }
+        let san = san.build(&cert.x509v3_context(signer.map(|s| &*s.cert), None))?;
         cert.append_extension(san)?;
     }
     cert.sign(signer.map_or(&key, |s| &s.key), MessageDigest::sha256())?;
@@ -65,8 +67,8 @@ mod tests {
 
     #[test]
     fn a_signed_certificate_verifies_against_its_ca_and_a_self_signed_one_against_itself() {
-        let ca = issue("ca", None, true, None).unwrap();
-        let server = issue("server", Some(&ca), false, Some("192.0.2.1".parse().unwrap())).unwrap();
+        let ca = issue("ca", None, true, &[]).unwrap();
+        let server = issue("server", Some(&ca), false, &["192.0.2.1".parse().unwrap()]).unwrap();
         assert!(server.cert.verify(&ca.key).unwrap());
         assert!(!server.cert.verify(&server.key).unwrap());
         assert!(ca.cert.verify(&ca.key).unwrap());

@@ -19,20 +19,6 @@ closed_set! {
     }
 }
 
-closed_set! {
-    /// A resource of the Kubernetes API that the testbench serves.
-    pub enum ApiResource("API resource") {
-        /// core/v1 Nodes.
-        Nodes = "nodes",
-        /// core/v1 Pods.
-        Pods = "pods",
-        /// core/v1 Services.
-        Services = "services",
-        /// networking.k8s.io/v1 ServiceCIDRs.
-        ServiceCidrs = "servicecidrs",
-    }
-}
-
 /// The most nodes a cluster may have (node K's underlay address is 203.0.113.(10+K)).
 pub const MAX_NODES: u8 = 50;
 /// The most clusters that may share the laptop (`a` … `h`).
@@ -45,21 +31,18 @@ pub struct Topology {
     /// The laptop's DNS manager.
     #[serde(default = "debian")]
     pub resolvconf: DnsManager,
-    /// Serve a Kubernetes API describing the cluster; clients then use only
-    /// the seed's usage line (`-kubeconfig`, `-pod`), no `--server-address` or
-    /// `--route`.
+    /// Run a real Kubernetes control plane (etcd and kube-apiserver) that
+    /// describes the cluster; clients then use only the seed's usage line
+    /// (`-kubeconfig`, `-pod`), no `--server-address` or `--route`.
     #[serde(default)]
     pub kubernetes: bool,
     /// Nodes carry `spec.podCIDRs` (else clients route each pod IP).
     #[serde(default = "yes")]
     pub node_pod_cidrs: bool,
-    /// The API serves networking.k8s.io/v1 ServiceCIDRs (else clients route
-    /// each service IP).
+    /// The API serves networking.k8s.io/v1 ServiceCIDRs (else it emulates
+    /// Kubernetes 1.33 with them switched off, and clients route each service IP).
     #[serde(default = "yes")]
     pub service_cidrs: bool,
-    /// Resources the API answers with 403 Forbidden.
-    #[serde(default)]
-    pub forbid: Vec<ApiResource>,
     /// How many nodes (node1 runs the servers), 1 to 50.
     #[serde(default = "one")]
     #[schemars(range(min = 1, max = 50))]
@@ -100,7 +83,6 @@ impl Default for Topology {
             kubernetes: false,
             node_pod_cidrs: true,
             service_cidrs: true,
-            forbid: Vec::new(),
             nodes: 1,
             clusters: 1,
             lan: true,

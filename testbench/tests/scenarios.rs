@@ -82,8 +82,8 @@ fn kube_errors_are_one_clear_line() {
 }
 
 #[test]
-fn kube_forbidden_names_verb_and_resource() {
-    run_scenario("kube-forbidden.toml");
+fn kube_rbac_each_permission_is_needed_and_named() {
+    run_scenario("kube-rbac.toml");
 }
 
 #[test]

@@ -13,7 +13,7 @@ use futures::{Stream, StreamExt};
 use ipnet::IpNet;
 use k8s_openapi::api::core::v1::{Node, Pod, Service};
 use k8s_openapi::api::networking::v1::ServiceCIDR;
-use kube::api::ListParams;
+use kube::api::{ListParams, WatchParams};
 use kube::runtime::watcher::{self, Event};
 use kube::{Api, Resource, ResourceExt};
 use tokio::sync::watch;
@@ -180,21 +180,29 @@ impl Inventory {
     }
 }
 
-/// Checks that we may list `K` (for a clear error now rather than endless
-/// retries later). `Ok(false)`: the API does not serve this kind.
+/// Checks that we may list and watch `K` (for a clear error now rather than
+/// endless retries later). `Ok(false)`: the API does not serve this kind, or
+/// (for an optional kind) we may not read it.
 async fn probe<K: Addresses>(kube: &Kube, resource: &str, optional: bool) -> Result<bool>
 where
     K::DynamicType: Default,
 {
     let api: Api<K> = Api::all(kube.client.clone());
-    match api.list_metadata(&ListParams::default().limit(1)).await {
-        Ok(_) => Ok(true),
-        Err(kube::Error::Api(s)) if optional && s.code == 404 => Ok(false),
-        Err(kube::Error::Api(s)) if optional && s.code == 403 => {
-            warn!("may not list {resource}: routing each service address instead");
+    let denied = |verb: &str, e: kube::Error| match e {
+        kube::Error::Api(s) if optional && s.code == 404 => Ok(false),
+        kube::Error::Api(s) if optional && s.code == 403 => {
+            warn!("may not {verb} {resource}: routing each service address instead");
             Ok(false)
         }
-        Err(e) => Err(kube.explain(e, "list", resource, None)),
+        e => Err(kube.explain(e, verb, resource, None)),
+    };
+    if let Err(e) = api.list_metadata(&ListParams::default().limit(1)).await {
+        return denied("list", e);
+    }
+    // The answer's headers say whether we may; the stream itself is not needed.
+    match api.watch_metadata(&WatchParams::default().timeout(1), "0").await {
+        Ok(_) => Ok(true),
+        Err(e) => denied("watch", e),
     }
 }
 

@@ -1,23 +1,23 @@
-//! The cluster as the Kubernetes API sees it: Nodes, Pods, Services and a
-//! ServiceCIDR published into the testbench's API server, kept in step with
-//! what steps add and remove.
+//! The cluster as the Kubernetes API sees it: Nodes, Pods and Services written
+//! into a real kube-apiserver (the `controlplane`), as kubelets and controllers
+//! would, and kept in step with what steps add and remove.
 
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use k8s_openapi::api::core::v1::{
-    Node, NodeAddress, NodeSpec, NodeStatus, Pod as PodObject, PodIP, PodSpec, PodStatus, Service as ServiceObject,
-    ServicePort, ServiceSpec,
+    Container, HostIP, Node, NodeAddress, NodeSpec, NodeStatus, Pod as PodObject, PodIP, PodSpec, PodStatus,
+    Service as ServiceObject, ServicePort, ServiceSpec,
 };
-use k8s_openapi::api::networking::v1::{ServiceCIDR, ServiceCIDRSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 use super::net::{NodeNet, Pod};
 use super::plan::Plan;
 use super::services::Service;
 use crate::closed_set::closed_set;
-use crate::kubeapi::{ApiOptions, ApiServer, Kind, API_PORT};
+use crate::controlplane::{ControlPlane, Options, API_PORT};
 use crate::topology::Topology;
 
 closed_set! {
@@ -72,82 +72,100 @@ fn meta(name: &str, namespace: Option<&str>) -> ObjectMeta {
     }
 }
 
-/// The API server of one cluster, and how it describes the cluster.
+/// A pod bound to `node`, as the scheduler leaves it (no status yet).
+fn pod_spec(name: &str, namespace: &str, node: &str, host_network: bool) -> PodObject {
+    PodObject {
+        metadata: meta(name, Some(namespace)),
+        spec: Some(PodSpec {
+            node_name: Some(node.into()),
+            host_network: host_network.then_some(true),
+            automount_service_account_token: Some(false),
+            containers: vec![Container {
+                name: "main".into(),
+                // Never pulled: no kubelet runs; the testbench runs the pod's processes.
+                image: Some("teletun-testbench.invalid/pod".into()),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }),
+        status: None,
+    }
+}
+
+/// A running pod's status, as its kubelet writes it.
+fn running(name: &str, namespace: &str, ips: &[String], host_ip: &str) -> PodObject {
+    PodObject {
+        metadata: meta(name, Some(namespace)),
+        spec: None,
+        status: Some(PodStatus {
+            phase: Some("Running".into()),
+            pod_ip: ips.first().cloned(),
+            pod_ips: Some(ips.iter().map(|ip| PodIP { ip: ip.clone() }).collect()),
+            host_ip: Some(host_ip.into()),
+            host_ips: Some(vec![HostIP { ip: host_ip.into() }]),
+            ..Default::default()
+        }),
+    }
+}
+
+/// The control plane of one cluster, and how it describes the cluster.
 pub struct ClusterApi {
-    server: ApiServer,
+    control_plane: ControlPlane,
     node_pod_cidrs: bool,
     service_cidrs: bool,
+    dns_ip: Ipv4Addr,
 }
 
 impl ClusterApi {
-    /// Starts the API in node1's namespace at node1's address, writes its
-    /// kubeconfig, and publishes the objects every cluster has besides its
-    /// nodes, pods and services: server-external's pod, pods for the error
-    /// paths (one pending, one on a node without addresses), and the ServiceCIDR.
-    pub fn start(node: &NodeNet, kubeconfig: &Path, topology: &Topology, plan: Plan) -> Result<ClusterApi> {
-        let server = ApiServer::start(
-            &node.ns.path(),
-            node.ip().into(),
-            kubeconfig,
-            ApiOptions {
-                forbidden: topology.forbid.iter().map(|r| r.as_str().to_owned()).collect(),
-                serve_service_cidrs: topology.service_cidrs,
-            },
-        )?;
+    /// Starts the control plane in node1's namespace at node1's address
+    /// (files in `dir`), writes the client's kubeconfig (a ServiceAccount
+    /// bound to `docs/deploy/rbac.yaml`'s role), and publishes the objects
+    /// every cluster has besides its nodes, pods and services:
+    /// server-external's pod, and pods for the error paths (one pending, one
+    /// on a node without addresses).
+    pub fn start(node: &NodeNet, dir: &Path, kubeconfig: &Path, topology: &Topology, plan: Plan) -> Result<ClusterApi> {
+        let options = Options {
+            service_cidr: plan.service_cidr(),
+            serve_service_cidrs: topology.service_cidrs,
+        };
+        let control_plane = ControlPlane::start(&node.ns, node.ip().into(), dir, options)?;
+        control_plane.client_kubeconfig(kubeconfig)?;
         let api = ClusterApi {
-            server,
+            control_plane,
             node_pod_cidrs: topology.node_pod_cidrs,
             service_cidrs: topology.service_cidrs,
+            dns_ip: plan.dns_ip(),
         };
-        if api.service_cidrs {
-            let cidr = ServiceCIDR {
-                metadata: meta("kubernetes", None),
-                spec: Some(ServiceCIDRSpec {
-                    cidrs: Some(vec![plan.service_cidr().to_string()]),
-                }),
-                ..Default::default()
-            };
-            api.server.put(Kind::ServiceCidr, &cidr)?;
-        }
+        let cp = &api.control_plane;
         let node_ip = node.ip().to_string();
-        let external = PodObject {
-            metadata: meta(EXTERNAL_POD, Some("default")),
-            spec: Some(PodSpec {
-                host_network: Some(true),
-                node_name: Some(node.name.clone()),
-                ..Default::default()
-            }),
-            status: Some(PodStatus {
-                phase: Some("Running".into()),
-                pod_ip: Some(node_ip.clone()),
-                pod_ips: Some(vec![PodIP { ip: node_ip.clone() }]),
-                host_ip: Some(node_ip),
-                ..Default::default()
-            }),
-        };
-        api.server.put(Kind::Pod, &external)?;
-        let mut pending = external.clone();
-        pending.metadata = meta("teletun-pending", Some("default"));
-        pending.status = Some(PodStatus {
-            phase: Some("Pending".into()),
-            ..Default::default()
-        });
-        api.server.put(Kind::Pod, &pending)?;
-        let mut nowhere = external;
-        nowhere.metadata = meta("teletun-nowhere", Some("default"));
-        if let Some(spec) = nowhere.spec.as_mut() {
-            spec.node_name = Some("node-without-address".into());
-        }
-        api.server.put(Kind::Pod, &nowhere)?;
-        let bare = Node {
+        cp.apply(&pod_spec(EXTERNAL_POD, "default", &node.name, true))?;
+        cp.apply_status(&running(
+            EXTERNAL_POD,
+            "default",
+            std::slice::from_ref(&node_ip),
+            &node_ip,
+        ))?;
+        cp.apply(&pod_spec("teletun-pending", "default", &node.name, true))?;
+        cp.apply(&Node {
             metadata: meta("node-without-address", None),
             ..Default::default()
-        };
-        api.server.put(Kind::Node, &bare)?;
+        })?;
+        cp.apply(&pod_spec("teletun-nowhere", "default", "node-without-address", true))?;
+        cp.apply_status(&running(
+            "teletun-nowhere",
+            "default",
+            std::slice::from_ref(&node_ip),
+            &node_ip,
+        ))?;
         Ok(api)
     }
 
-    /// Publishes (or replaces) a node with its addresses and pod networks.
+    /// kube-apiserver's release (`gitVersion` from `/version`).
+    pub fn version(&self) -> &str {
+        &self.control_plane.version
+    }
+
+    /// Registers a node with its pod networks (spec) and addresses (status).
     pub fn put_node(&self, n: &NodeNet) -> Result<()> {
         let cidrs = self
             .node_pod_cidrs
@@ -156,13 +174,18 @@ impl ClusterApi {
             type_: type_.into(),
             address,
         };
-        let node = Node {
+        self.control_plane.apply(&Node {
             metadata: meta(&n.name, None),
             spec: Some(NodeSpec {
                 pod_cidr: cidrs.as_ref().map(|c| c[0].clone()),
                 pod_cidrs: cidrs,
                 ..Default::default()
             }),
+            status: None,
+        })?;
+        self.control_plane.apply_status(&Node {
+            metadata: meta(&n.name, None),
+            spec: None,
             status: Some(NodeStatus {
                 addresses: Some(vec![
                     address("InternalIP", format!("172.31.0.{}", 10 + n.index)),
@@ -171,90 +194,100 @@ impl ClusterApi {
                 ]),
                 ..Default::default()
             }),
-        };
-        self.server.put(Kind::Node, &node)
+        })?;
+        Ok(())
     }
 
-    /// Publishes a running pod on `node`.
+    /// Creates a pod on `node` and writes its status: running, with its addresses.
     pub fn put_pod(&self, p: &Pod, node: &NodeNet) -> Result<()> {
-        let pod = PodObject {
-            metadata: meta(&p.name, Some(pod_namespace(&p.name))),
-            spec: Some(PodSpec {
-                node_name: Some(node.name.clone()),
-                ..Default::default()
-            }),
-            status: Some(PodStatus {
-                phase: Some("Running".into()),
-                pod_ip: Some(p.ipv4.to_string()),
-                pod_ips: Some(vec![PodIP { ip: p.ipv4.to_string() }, PodIP { ip: p.ipv6.to_string() }]),
-                host_ip: Some(node.ip().to_string()),
-                ..Default::default()
-            }),
-        };
-        self.server.put(Kind::Pod, &pod)
+        let ns = pod_namespace(&p.name);
+        self.control_plane.apply(&pod_spec(&p.name, ns, &node.name, false))?;
+        let ips = [p.ipv4.to_string(), p.ipv6.to_string()];
+        self.control_plane
+            .apply_status(&running(&p.name, ns, &ips, &node.ip().to_string()))?;
+        Ok(())
     }
 
-    /// Publishes a service with its cluster IP and ports.
-    pub fn put_service(&self, s: &Service) -> Result<()> {
+    /// Creates a service; returns the cluster IP the API allocated (the DNS
+    /// service asks for the service network's tenth address, as kubeadm does).
+    pub fn put_service(&self, s: &Service) -> Result<Ipv4Addr> {
         let port = |name: Option<&str>, protocol: &str| ServicePort {
             name: name.map(str::to_owned),
             port: i32::from(s.port),
             protocol: Some(protocol.into()),
             ..Default::default()
         };
-        let mut ports = vec![port(None, "TCP")];
+        let mut ports = vec![port(s.udp.then_some("tcp"), "TCP")];
         if s.udp {
             ports.push(port(Some("udp"), "UDP"));
         }
-        let service = ServiceObject {
+        let fixed = (s.name == "kube-dns").then(|| self.dns_ip.to_string());
+        let stored = self.control_plane.apply(&ServiceObject {
             metadata: meta(&s.name, Some(&s.namespace)),
             spec: Some(ServiceSpec {
-                cluster_ip: Some(s.ip.to_string()),
-                cluster_ips: Some(vec![s.ip.to_string()]),
+                cluster_ip: fixed,
                 ports: Some(ports),
                 ..Default::default()
             }),
             ..Default::default()
-        };
-        self.server.put(Kind::Service, &service)
+        })?;
+        let ip = stored.spec.and_then(|spec| spec.cluster_ip).unwrap_or_default();
+        ip.parse()
+            .with_context(|| format!("the API gave service {} no IPv4 cluster IP ({ip:?})", s.name))
     }
 
     /// Deletes a node.
     pub fn delete_node(&self, name: &str) -> Result<()> {
-        self.server.delete(Kind::Node, None, name)
+        self.control_plane.delete::<Node>(None, name)
     }
 
     /// Deletes a pod.
     pub fn delete_pod(&self, name: &str) -> Result<()> {
-        self.server.delete(Kind::Pod, Some(pod_namespace(name)), name)
+        self.control_plane.delete::<PodObject>(Some(pod_namespace(name)), name)
     }
 
     /// Deletes a service.
     pub fn delete_service(&self, s: &Service) -> Result<()> {
-        self.server.delete(Kind::Service, Some(&s.namespace), &s.name)
+        self.control_plane.delete::<ServiceObject>(Some(&s.namespace), &s.name)
     }
 
-    /// Makes the API forget its history and drop its watches; waits until
-    /// the watchers got 410 Gone and listed again. Returns how many did.
-    pub fn compact(&self) -> Result<u64> {
-        let (gone, lists) = self.server.counters();
-        self.server.compact();
-        // The client watches nodes, pods and services, and ServiceCIDRs where served.
-        let watched = if self.service_cidrs { 4 } else { 3 };
-        let deadline = Instant::now() + Duration::from_secs(10);
+    /// Gives the client's account the shipped role less `without`.
+    pub fn set_client_role(&self, without: &[String]) -> Result<()> {
+        self.control_plane.set_client_role(without)
+    }
+
+    /// Compacts etcd and restarts kube-apiserver; waits until the client
+    /// listed every kind it watches again (its watches got 410 Gone). Returns
+    /// how many kinds it listed again.
+    pub fn compact(&mut self) -> Result<u64> {
+        let from = self.control_plane.compact_and_restart()?;
+        let watched: &[&str] = if self.service_cidrs {
+            &["nodes", "pods", "services", "servicecidrs"]
+        } else {
+            &["nodes", "pods", "services"]
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            let (g, l) = self.server.counters();
-            if g - gone >= watched && l - lists >= watched {
-                return Ok(g - gone);
+            let events = self.control_plane.audit_events()?;
+            let since = events.get(from..).unwrap_or_default();
+            let relisted: Vec<&str> = watched
+                .iter()
+                .copied()
+                .filter(|r| {
+                    since
+                        .iter()
+                        .any(|(verb, res, code)| verb == "list" && res == r && *code == 200)
+                })
+                .collect();
+            if relisted.len() == watched.len() {
+                return Ok(relisted.len() as u64);
             }
             if Instant::now() > deadline {
                 bail!(
-                    "after compaction, {} watches got 410 Gone and {} lists followed; expected {watched} each",
-                    g - gone,
-                    l - lists
+                    "after the compaction and restart the client listed only {relisted:?} again within 20 s; it watches {watched:?}"
                 );
             }
-            std::thread::sleep(Duration::from_millis(20));
+            std::thread::sleep(Duration::from_millis(50));
         }
     }
 }

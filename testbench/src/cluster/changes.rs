@@ -133,13 +133,14 @@ impl Cluster {
         self.sync_dns()
     }
 
-    /// Adds a service for `pod`'s `target_port` at the next free cluster IP.
+    /// Adds a service for `pod`'s `target_port`: at the cluster IP the API
+    /// allocates, or without an API the next free one.
     pub fn add_service(&mut self, name: &str, namespace: &str, pod: &str, port: u16, target_port: u16) -> Result<()> {
         if self.services.iter().any(|s| s.name == name && s.namespace == namespace) {
             bail!("service {namespace}/{name} exists already");
         }
         self.pod(pod)?;
-        let service = Service {
+        let mut service = Service {
             name: name.into(),
             namespace: namespace.into(),
             ip: self.plan.service_ip(services::next_host(&self.services)),
@@ -148,12 +149,13 @@ impl Cluster {
             target_port,
             udp: false,
         };
-        self.services.push(service.clone());
+        // With an API, the address it allocates.
+        if let Some(api) = &self.api {
+            service.ip = api.put_service(&service)?;
+        }
+        self.services.push(service);
         self.sync_services()?;
         self.sync_dns()?;
-        if let Some(api) = &self.api {
-            api.put_service(&service)?;
-        }
         self.changed_at.insert(format!("service:{name}"), Instant::now());
         Ok(())
     }

@@ -220,6 +220,10 @@ impl Cluster {
             self.add_pod_at(name, 1, host)?;
         }
         self.start_app("app")?;
+        // The API first: it allocates the services' cluster IPs.
+        if topology.kubernetes {
+            self.start_api(topology)?;
+        }
         self.sync_services()?;
         let hosts = self.dir.join("dns-hosts");
         std::fs::write(&hosts, dns::hosts(self.plan, &self.services, &self.pods))?;
@@ -227,9 +231,6 @@ impl Cluster {
         let dnsmasq = dns::start(&dns_pod, self.plan, &hosts, &self.dir.join("dnsmasq.log"))?;
         self.processes.push(dnsmasq);
         self.files.make_keys()?;
-        if topology.kubernetes {
-            self.start_api(topology)?;
-        }
         Ok(())
     }
 
@@ -390,29 +391,48 @@ impl Cluster {
         self.dir.join("kubeconfig")
     }
 
-    /// Starts the Kubernetes API in node1 and publishes every object.
+    /// Starts the Kubernetes control plane in node1 and publishes every
+    /// object; services take the cluster IPs it allocates.
     fn start_api(&mut self, topology: &Topology) -> Result<()> {
-        let api = ClusterApi::start(self.node_net(1)?, &self.kubeconfig(), topology, self.plan)?;
+        let api = ClusterApi::start(self.node_net(1)?, &self.dir, &self.kubeconfig(), topology, self.plan)?;
         for n in &self.nodes {
             api.put_node(n)?;
         }
         for p in &self.pods {
             api.put_pod(p, self.node_net(p.node)?)?;
         }
-        for s in &self.services {
-            api.put_service(s)?;
+        for s in &mut self.services {
+            s.ip = api.put_service(s)?;
         }
         self.api = Some(api);
         Ok(())
     }
 
-    /// Makes the API forget its history; waits until every watcher got 410
-    /// Gone and listed again. Returns how many did.
-    pub fn compact_api(&self) -> Result<u64> {
+    /// The cluster's Kubernetes API, if the topology asks for one.
+    fn api(&self) -> Result<&ClusterApi> {
         self.api
             .as_ref()
+            .context("this cluster has no Kubernetes API ([topology] kubernetes = true)")
+    }
+
+    /// kube-apiserver's release, if the cluster has an API.
+    pub fn api_version(&self) -> Option<&str> {
+        self.api.as_ref().map(ClusterApi::version)
+    }
+
+    /// Compacts the API's history and restarts it; waits until the client
+    /// got 410 Gone and listed every kind it watches again. Returns how many.
+    pub fn compact_api(&mut self) -> Result<u64> {
+        self.api
+            .as_mut()
             .context("this cluster has no Kubernetes API ([topology] kubernetes = true)")?
             .compact()
+    }
+
+    /// Gives the client's ServiceAccount the role of `docs/deploy/rbac.yaml`
+    /// less the permissions in `without` ("VERB RESOURCE").
+    pub fn set_client_role(&self, without: &[String]) -> Result<()> {
+        self.api()?.set_client_role(without)
     }
 
     /// Impairs the underlay in the router from now on, replacing any earlier impairment.
@@ -440,8 +460,9 @@ impl Cluster {
         for p in self.processes.iter_mut().rev() {
             let _ = p.wait(Duration::from_secs(3));
         }
-        self.processes.clear();
+        // The API before the rest, while its namespace is still there.
         self.api = None;
+        self.processes.clear();
         // The first cluster made the laptop; the others only borrow it.
         if self.plan.index == 0 {
             self.laptop.teardown();

@@ -44,7 +44,7 @@ pub const WIREGUARD_GO: GoProgram = GoProgram {
 const OFFLOADS_SINCE: u32 = 20231211;
 
 /// The `go` command: on PATH, or where the Go tarball installs it.
-fn go_command() -> Option<PathBuf> {
+pub(crate) fn go_command() -> Option<PathBuf> {
     let on_path =
         std::env::var_os("PATH").and_then(|p| std::env::split_paths(&p).map(|d| d.join("go")).find(|g| g.is_file()));
     on_path.or_else(|| Some(PathBuf::from("/usr/local/go/bin/go")).filter(|g| g.is_file()))

@@ -20,6 +20,7 @@ use crate::exec::{self, Background};
 use crate::netns::Netns;
 
 mod builds;
+pub(crate) use builds::go_command;
 mod tls;
 mod wireguard;
 

@@ -115,7 +115,7 @@ impl Certificates {
     /// Self-signed certificates for laptop and node, written as PEM to `dir`.
     fn create(dir: &Path) -> Result<Certificates> {
         let make = |name: &str| -> Result<(String, String)> {
-            let issued = crate::pki::issue(name, None, true, None)?;
+            let issued = crate::pki::issue(name, None, true, &[])?;
             let crt = dir.join(format!("{name}.crt"));
             let key = dir.join(format!("{name}.key"));
             std::fs::write(&crt, issued.cert.to_pem()?).with_context(|| format!("cannot write {}", crt.display()))?;

@@ -38,7 +38,14 @@ pub fn run(scenario: &Scenario, teletun: &Path, work: &Path, progress: &mut dyn 
             return CaseResult::new(&scenario.name, checks, started.elapsed(), None);
         }
     };
-    report(CheckResult::new(BUILD_CHECK, t.elapsed(), Outcome::Pass), &mut checks);
+    let mut built = CheckResult::new(BUILD_CHECK, t.elapsed(), Outcome::Pass);
+    // Which API server the case talks to, as it says itself (`/version`).
+    let versions: Vec<String> = clusters
+        .iter()
+        .filter_map(|c| c.api_version().map(|v| format!("kube-apiserver {v}")))
+        .collect();
+    built.detail = (!versions.is_empty()).then(|| versions.join(", "));
+    report(built, &mut checks);
     let logs: Vec<PathBuf> = clusters.iter().map(|c| c.dir.clone()).collect();
     let laptop_before = clusters[0].laptop.snapshot().unwrap_or_default();
     let mut case = Case {

@@ -286,6 +286,24 @@ pub fn check(topology: &Topology, steps: &[Step], profiles: &BTreeSet<String>) -
                 "do",
                 "compact-api needs a Kubernetes API; set [topology] kubernetes = true".into(),
             ),
+            Step::ClientRole(_) if !topology.kubernetes => problem(
+                "do",
+                "client-role needs a Kubernetes API; set [topology] kubernetes = true".into(),
+            ),
+            Step::ClientRole(s) => {
+                let granted: Vec<String> = crate::controlplane::rbac::permissions()
+                    .map(|all| all.iter().map(ToString::to_string).collect())
+                    .unwrap_or_default();
+                for w in s.without.iter().filter(|w| !granted.contains(w)) {
+                    problem(
+                        "without",
+                        format!(
+                            "docs/deploy/rbac.yaml grants no {w:?}; it grants {}",
+                            granted.join(", ")
+                        ),
+                    );
+                }
+            }
             Step::Impair(s) if !profiles.contains(&s.profile) => problem(
                 "profile",
                 format!(

@@ -73,8 +73,21 @@ pub struct UseCluster {
     pub name: String,
 }
 
-/// Make the API forget its event history (as etcd compaction does): watchers
-/// get 410 Gone and must list again.
+/// Compact etcd's history and restart kube-apiserver (as an upgrade or a
+/// crash does): the client's watches get 410 Gone, and it must list every
+/// kind it watches again (checked in the API's audit log).
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CompactApi {}
+
+/// Give the client's ServiceAccount the ClusterRole of
+/// `docs/deploy/rbac.yaml`, less the permissions in `without`; waits until the
+/// API's authorizer answers accordingly.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ClientRole {
+    /// Permissions taken out, each "VERB RESOURCE" as the role grants it
+    /// ("watch pods", "list servicecidrs").
+    #[serde(default)]
+    pub without: Vec<String>,
+}

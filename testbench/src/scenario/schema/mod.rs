@@ -130,6 +130,7 @@ steps! {
     "remove-node" => RemoveNode,
     "use-cluster" => UseCluster,
     "compact-api" => CompactApi,
+    "client-role" => ClientRole,
     "impair" => Impair,
     "no-corruption" => NoCorruption,
     "laptop-unchanged" => LaptopUnchanged,

@@ -1,10 +1,11 @@
 //! Changes to the cluster while clients run: pods, services and nodes come and
-//! go, the API loses its history, and steps move to another cluster.
+//! go, the API loses its history, the client's role changes, and steps move
+//! to another cluster.
 
 use anyhow::{Context, Result};
 
 use super::super::case::Case;
-use super::super::schema::{AddPod, AddService, RemoveNode, RemovePod, RemoveService, UseCluster};
+use super::super::schema::{AddPod, AddService, ClientRole, RemoveNode, RemovePod, RemoveService, UseCluster};
 
 /// `add-pod`.
 pub fn add_pod(case: &mut Case, s: &AddPod) -> Result<()> {
@@ -50,9 +51,14 @@ pub fn use_cluster(case: &mut Case, s: &UseCluster) -> Result<()> {
     Ok(())
 }
 
-/// `compact-api`: every watcher gets 410 Gone and lists again.
+/// `compact-api`: the client's watches get 410 Gone and it lists again.
 pub fn compact_api(case: &mut Case) -> Result<()> {
-    let n = case.cluster().compact_api()?;
-    case.detail = Some(format!("{n} watches got 410 Gone and listed again"));
+    let n = case.cluster_mut().compact_api()?;
+    case.detail = Some(format!("the client listed all {n} watched kinds again"));
     Ok(())
+}
+
+/// `client-role`.
+pub fn client_role(case: &mut Case, s: &ClientRole) -> Result<()> {
+    case.cluster().set_client_role(&s.without)
 }
