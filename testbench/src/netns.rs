@@ -163,8 +163,8 @@ pub fn veth(a: &Netns, a_name: &str, b: &Netns, b_name: &str) -> Result<()> {
 }
 
 /// Namespaces whose names say they belong to a testbench process that no
-/// longer runs (`tt<pid>-…`), and such a process's command scratch
-/// directories: left by a killed run. Deleted on start.
+/// longer runs (`tt<pid>-…`), the processes still inside them, and such a
+/// process's command scratch directories: left by a killed run. Deleted on start.
 pub fn remove_stale() {
     exec::remove_stale_scratch();
     let Ok(entries) = std::fs::read_dir(NETNS_DIR) else {
@@ -182,6 +182,20 @@ pub fn remove_stale() {
             continue;
         }
         eprintln!("testbench: removing namespace {name} left by dead run {pid}");
+        // What still runs inside (its daemons, the control plane) goes with it.
+        let pids = std::process::Command::new("ip").args(["netns", "pids", &name]).output();
+        for p in pids.iter().flat_map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .into_owned()
+                .lines()
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        }) {
+            if let Ok(p) = p.trim().parse::<libc::pid_t>() {
+                // SAFETY: kill(2) of a process found inside a namespace only our runs create.
+                unsafe { libc::kill(p, libc::SIGKILL) };
+            }
+        }
         match NetNs::get(&name) {
             Ok(ns) => Netns::wrap(&name, ns).delete(),
             // A mount point whose namespace is gone: just the file.

@@ -196,13 +196,22 @@ where
         }
         e => Err(kube.explain(e, verb, resource, None)),
     };
-    if let Err(e) = api.list_metadata(&ListParams::default().limit(1)).await {
-        return denied("list", e);
-    }
-    // The answer's headers say whether we may; the stream itself is not needed.
-    match api.watch_metadata(&WatchParams::default().timeout(1), "0").await {
+    let listed = match api.list_metadata(&ListParams::default().limit(1)).await {
+        Ok(list) => list,
+        Err(e) => return denied("list", e),
+    };
+    // From the list's version, so no backlog is sent; the answer's headers say
+    // whether we may, and the stream itself is dropped.
+    let version = listed.metadata.resource_version.unwrap_or_else(|| "0".into());
+    match api.watch_metadata(&WatchParams::default().timeout(1), &version).await {
         Ok(_) => Ok(true),
-        Err(e) => denied("watch", e),
+        Err(kube::Error::Api(s)) if matches!(s.code, 401 | 403 | 404) => denied("watch", kube::Error::Api(s)),
+        // Anything else (429 while a restarted API server fills its watch
+        // cache, a dropped connection) is for the watcher's retries, not fatal.
+        Err(e) => {
+            warn!("a first watch of {resource} failed ({e}); the watcher will retry");
+            Ok(true)
+        }
     }
 }
 

@@ -11,7 +11,8 @@ use k8s_openapi::api::core::v1::{
     Container, HostIP, Node, NodeAddress, NodeSpec, NodeStatus, Pod as PodObject, PodIP, PodSpec, PodStatus,
     Service as ServiceObject, ServicePort, ServiceSpec,
 };
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::api::networking::v1::{ServiceCIDR, ServiceCIDRSpec, ServiceCIDRStatus};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, ObjectMeta};
 
 use super::net::{NodeNet, Pod};
 use super::plan::Plan;
@@ -208,9 +209,10 @@ impl ClusterApi {
         Ok(())
     }
 
-    /// Creates a service; returns the cluster IP the API allocated (the DNS
-    /// service asks for the service network's tenth address, as kubeadm does).
-    pub fn put_service(&self, s: &Service) -> Result<Ipv4Addr> {
+    /// Creates a service; returns the cluster IP the API allocated, or the
+    /// one `requested` (the DNS service asks for the service network's tenth
+    /// address, as kubeadm does).
+    pub fn put_service(&self, s: &Service, requested: Option<Ipv4Addr>) -> Result<Ipv4Addr> {
         let port = |name: Option<&str>, protocol: &str| ServicePort {
             name: name.map(str::to_owned),
             port: i32::from(s.port),
@@ -221,7 +223,10 @@ impl ClusterApi {
         if s.udp {
             ports.push(port(Some("udp"), "UDP"));
         }
-        let fixed = (s.name == "kube-dns").then(|| self.dns_ip.to_string());
+        let fixed = match requested {
+            Some(ip) => Some(ip.to_string()),
+            None => (s.name == "kube-dns").then(|| self.dns_ip.to_string()),
+        };
         let stored = self.control_plane.apply(&ServiceObject {
             metadata: meta(&s.name, Some(&s.namespace)),
             spec: Some(ServiceSpec {
@@ -234,6 +239,38 @@ impl ClusterApi {
         let ip = stored.spec.and_then(|spec| spec.cluster_ip).unwrap_or_default();
         ip.parse()
             .with_context(|| format!("the API gave service {} no IPv4 cluster IP ({ip:?})", s.name))
+    }
+
+    /// Creates a ServiceCIDR and marks it Ready, as kube-controller-manager's
+    /// ServiceCIDR controller does (the API's allocator takes addresses only
+    /// from Ready ones).
+    pub fn put_service_cidr(&self, name: &str, cidr: &str) -> Result<()> {
+        let created = self.control_plane.apply(&ServiceCIDR {
+            metadata: meta(name, None),
+            spec: Some(ServiceCIDRSpec {
+                cidrs: Some(vec![cidr.to_owned()]),
+            }),
+            status: None,
+        })?;
+        let since = created
+            .metadata
+            .creation_timestamp
+            .context("a ServiceCIDR without a creation time")?;
+        self.control_plane.apply_status(&ServiceCIDR {
+            metadata: meta(name, None),
+            spec: None,
+            status: Some(ServiceCIDRStatus {
+                conditions: Some(vec![Condition {
+                    type_: "Ready".into(),
+                    status: "True".into(),
+                    message: "Kubernetes Service CIDR is ready".into(),
+                    last_transition_time: since,
+                    observed_generation: None,
+                    reason: String::new(),
+                }]),
+            }),
+        })?;
+        Ok(())
     }
 
     /// Deletes a node.

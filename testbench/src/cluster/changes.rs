@@ -1,6 +1,7 @@
 //! Pods, services and nodes that come and go while clients run: each change
 //! reaches the network, kube-proxy's rules, the DNS records and the API.
 
+use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -135,7 +136,15 @@ impl Cluster {
 
     /// Adds a service for `pod`'s `target_port`: at the cluster IP the API
     /// allocates, or without an API the next free one.
-    pub fn add_service(&mut self, name: &str, namespace: &str, pod: &str, port: u16, target_port: u16) -> Result<()> {
+    /// `ports` are the service's and the pod's; `cluster_ip` is asked of the API.
+    pub fn add_service(
+        &mut self,
+        name: &str,
+        namespace: &str,
+        pod: &str,
+        (port, target_port): (u16, u16),
+        cluster_ip: Option<Ipv4Addr>,
+    ) -> Result<()> {
         if self.services.iter().any(|s| s.name == name && s.namespace == namespace) {
             bail!("service {namespace}/{name} exists already");
         }
@@ -149,15 +158,25 @@ impl Cluster {
             target_port,
             udp: false,
         };
-        // With an API, the address it allocates.
-        if let Some(api) = &self.api {
-            service.ip = api.put_service(&service)?;
+        // With an API, the address it allocates (or the one asked for).
+        match (&self.api, cluster_ip) {
+            (Some(api), requested) => service.ip = api.put_service(&service, requested)?,
+            (None, Some(_)) => bail!("cluster_ip needs a Kubernetes API"),
+            (None, None) => {}
         }
         self.services.push(service);
         self.sync_services()?;
         self.sync_dns()?;
         self.changed_at.insert(format!("service:{name}"), Instant::now());
         Ok(())
+    }
+
+    /// Adds a ServiceCIDR to the API, ready to allocate from.
+    pub fn add_service_cidr(&self, name: &str, cidr: &str) -> Result<()> {
+        self.api
+            .as_ref()
+            .context("this cluster has no Kubernetes API ([topology] kubernetes = true)")?
+            .put_service_cidr(name, cidr)
     }
 
     /// Removes a service: its DNAT rules and its DNS name.

@@ -402,7 +402,7 @@ impl Cluster {
             api.put_pod(p, self.node_net(p.node)?)?;
         }
         for s in &mut self.services {
-            s.ip = api.put_service(s)?;
+            s.ip = api.put_service(s, None)?;
         }
         self.api = Some(api);
         Ok(())

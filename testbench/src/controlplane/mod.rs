@@ -11,7 +11,6 @@ mod admin;
 pub mod build;
 pub mod rbac;
 
-use std::io::BufRead;
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -186,8 +185,16 @@ impl ControlPlane {
         cp.start_apiserver()?;
         let version: Value = serde_json::from_str(&cp.expect("GET", "/version", &[], 200)?.body)?;
         cp.version = version["gitVersion"].as_str().unwrap_or("unknown").to_owned();
-        // The ServiceAccount controller's part: pods cannot be created without these.
+        // The ServiceAccount controller's part: pods cannot be created without
+        // these. The API makes their namespaces just after it is ready.
         for ns in ["default", "kube-system"] {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while cp.get(&format!("/api/v1/namespaces/{ns}"))?.status != 200 {
+                if Instant::now() > deadline {
+                    bail!("the API did not create namespace {ns} within 20 s");
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
             cp.post(
                 &format!("/api/v1/namespaces/{ns}/serviceaccounts"),
                 &json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "default"}}),
@@ -356,12 +363,12 @@ impl ControlPlane {
         format!("https://{}", std::net::SocketAddr::new(self.ip, API_PORT))
     }
 
-    /// Compacts the API's history and restarts kube-apiserver, as a crash
-    /// would: between the old server's end and the new one's start
-    /// a write moves etcd's revision on and etcd compacts to it, so a client
-    /// watching from the version it last saw gets 410 Gone and must list
-    /// again. Checks that the API answers exactly that for an old version.
-    /// Returns the number of lines of the audit log before the restart.
+    /// Kills kube-apiserver (as a crash), moves etcd's revision on with a
+    /// write, compacts etcd to it and starts kube-apiserver again: a client
+    /// watching from the version it last saw must get 410 Gone and list again.
+    /// Checks that etcd refuses the old revision and that the new server
+    /// answers a watch from the old version with 410 Gone. Returns the audit
+    /// log's length before the restart.
     pub fn compact_and_restart(&mut self) -> Result<usize> {
         let before: Value = serde_json::from_str(&self.expect("GET", "/api/v1/pods?limit=1", &[], 200)?.body)?;
         let old_version = before["metadata"]["resourceVersion"]
@@ -396,6 +403,22 @@ impl ControlPlane {
             .context("etcd put without a revision")?
             .to_owned();
         etcd("/v3/kv/compaction", json!({"revision": revision, "physical": true}))?;
+        // The old version is an etcd revision: etcd must refuse to read at it now.
+        let old = self.request(
+            Target::Etcd,
+            "POST",
+            "/v3/kv/range",
+            "application/json",
+            json!({"key": b64("/registry/"), "revision": old_version})
+                .to_string()
+                .into_bytes(),
+        )?;
+        if !old.body.contains("compacted") {
+            bail!(
+                "etcd still reads revision {old_version} after compacting to {revision}: {}",
+                old.body
+            );
+        }
         self.restarts += 1;
         self.start_apiserver()?;
         let watch = self.get(&format!(
@@ -404,7 +427,7 @@ impl ControlPlane {
         let expired = watch.status == 410 || watch.body.contains("\"code\":410");
         if !expired {
             bail!(
-                "after compaction to revision {revision}, a watch from version {old_version} was not answered 410 Gone ({}: {})",
+                "after the restart, a watch from version {old_version} (compacted away at {revision}) was not answered 410 Gone ({}: {})",
                 watch.status,
                 last_lines(&watch.body, 2)
             );
@@ -413,26 +436,26 @@ impl ControlPlane {
     }
 
     /// What the client asked the API so far, from the audit log: (verb,
-    /// resource, HTTP status) per request.
+    /// resource, HTTP status) per complete line (a line being written is
+    /// left for the next call; an unreadable one counts, empty).
     pub fn audit_events(&self) -> Result<Vec<(String, String, u16)>> {
         let path = self.dir.join("control-plane/audit.log");
-        let file = match std::fs::File::open(&path) {
-            Ok(f) => f,
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
             Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
         };
-        let mut events = Vec::new();
-        for line in std::io::BufReader::new(file).lines() {
-            let Ok(event) = serde_json::from_str::<Value>(&line?) else {
-                continue;
-            };
-            events.push((
-                event["verb"].as_str().unwrap_or_default().to_owned(),
-                event["objectRef"]["resource"].as_str().unwrap_or_default().to_owned(),
-                event["responseStatus"]["code"].as_u64().unwrap_or_default() as u16,
-            ));
-        }
-        Ok(events)
+        let complete = text.split_inclusive('\n').filter(|l| l.ends_with('\n'));
+        Ok(complete
+            .map(|line| {
+                let event: Value = serde_json::from_str(line).unwrap_or_default();
+                (
+                    event["verb"].as_str().unwrap_or_default().to_owned(),
+                    event["objectRef"]["resource"].as_str().unwrap_or_default().to_owned(),
+                    event["responseStatus"]["code"].as_u64().unwrap_or_default() as u16,
+                )
+            })
+            .collect())
     }
 }
 

@@ -53,7 +53,12 @@ pub fn permissions() -> Result<Vec<Permission>> {
     let role = role()?;
     let mut all = Vec::new();
     for rule in role["rules"].as_array().context("the role has no rules")? {
-        let group = strings(&rule["apiGroups"]).into_iter().next().unwrap_or_default();
+        // Rules this parser would misread are refused, not narrowed silently.
+        let groups = strings(&rule["apiGroups"]);
+        if groups.len() != 1 || !rule["resourceNames"].is_null() || !rule["nonResourceURLs"].is_null() {
+            bail!("docs/deploy/rbac.yaml: each rule must name one API group and no resourceNames or nonResourceURLs (the testbench takes its permissions apart)");
+        }
+        let group = groups[0].clone();
         for resource in strings(&rule["resources"]) {
             for verb in strings(&rule["verbs"]) {
                 all.push(Permission {

@@ -67,6 +67,7 @@ impl Step {
             Step::RemovePod(s) => format!("remove pod {}", s.name),
             Step::AddService(s) => format!("add service {} → {}", s.name, s.pod),
             Step::RemoveService(s) => format!("remove service {}", s.name),
+            Step::AddServiceCidr(s) => format!("add ServiceCIDR {} {}", s.name, s.cidr),
             Step::Route(s) if s.present => format!("{}{} is routed into the tunnel", s.to, v6(s.ipv6)),
             Step::Route(s) => format!("{}{} is not routed into the tunnel", s.to, v6(s.ipv6)),
             Step::CompactApi(_) => "compact the API's history and restart it (410 Gone)".into(),

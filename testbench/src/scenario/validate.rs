@@ -243,6 +243,9 @@ pub fn check(topology: &Topology, steps: &[Step], profiles: &BTreeSet<String>) -
                 if here.pods.get(&s.pod) != Some(&true) {
                     problem("pod", no_pod(&s.pod));
                 }
+                if s.cluster_ip.is_some() && !topology.kubernetes {
+                    problem("cluster_ip", "cluster_ip needs a Kubernetes API; set [topology] kubernetes = true".into());
+                }
                 here.services.insert(s.name.clone(), true);
             }
             Step::RemoveService(s) => match here.services.get_mut(&s.name) {
@@ -286,15 +289,27 @@ pub fn check(topology: &Topology, steps: &[Step], profiles: &BTreeSet<String>) -
                 "do",
                 "compact-api needs a Kubernetes API; set [topology] kubernetes = true".into(),
             ),
+            Step::AddServiceCidr(_) if !topology.kubernetes || !topology.service_cidrs => problem(
+                "do",
+                "add-service-cidr needs a Kubernetes API that serves ServiceCIDRs; set [topology] kubernetes = true (and keep service_cidrs)".into(),
+            ),
+            Step::AddServiceCidr(s) if s.cidr.parse::<ipnet::Ipv4Net>().is_err() => problem(
+                "cidr",
+                format!("{:?} is not an IPv4 network (like 10.100.0.0/24)", s.cidr),
+            ),
             Step::ClientRole(_) if !topology.kubernetes => problem(
                 "do",
                 "client-role needs a Kubernetes API; set [topology] kubernetes = true".into(),
             ),
             Step::ClientRole(s) => {
-                let granted: Vec<String> = crate::controlplane::rbac::permissions()
-                    .map(|all| all.iter().map(ToString::to_string).collect())
-                    .unwrap_or_default();
-                for w in s.without.iter().filter(|w| !granted.contains(w)) {
+                let granted: Vec<String> = match crate::controlplane::rbac::permissions() {
+                    Ok(all) => all.iter().map(ToString::to_string).collect(),
+                    Err(e) => {
+                        problem("without", format!("{e:#}"));
+                        Vec::new()
+                    }
+                };
+                for w in s.without.iter().filter(|_| !granted.is_empty()).filter(|w| !granted.contains(w)) {
                     problem(
                         "without",
                         format!(

@@ -24,8 +24,8 @@ pub struct RemovePod {
     pub name: String,
 }
 
-/// Add a service for a pod's port at the next free cluster IP: a DNAT rule and
-/// `NAME.NAMESPACE.svc.DOMAIN`.
+/// Add a service for a pod's port: a DNAT rule and `NAME.NAMESPACE.svc.DOMAIN`,
+/// at the cluster IP the API allocates (without an API, the next free one).
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AddService {
@@ -42,6 +42,20 @@ pub struct AddService {
     /// The pod's port.
     #[serde(default = "defaults::http_port")]
     pub target_port: u16,
+    /// Ask the API for this cluster IP (it must lie in one of its
+    /// ServiceCIDRs); needs a Kubernetes API.
+    pub cluster_ip: Option<std::net::Ipv4Addr>,
+}
+
+/// Add a ServiceCIDR to the API (networking.k8s.io/v1), as an admin growing the
+/// service network does, and mark it Ready as kube-controller-manager would.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AddServiceCidr {
+    /// Its name.
+    pub name: String,
+    /// The IPv4 network (`10.100.0.0/24`).
+    pub cidr: String,
 }
 
 /// Remove a service: its DNAT rules and its DNS name.

@@ -126,6 +126,7 @@ steps! {
     "remove-pod" => RemovePod,
     "add-service" => AddService,
     "remove-service" => RemoveService,
+    "add-service-cidr" => AddServiceCidr,
     "add-node" => AddNode,
     "remove-node" => RemoveNode,
     "use-cluster" => UseCluster,

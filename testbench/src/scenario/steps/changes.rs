@@ -5,7 +5,9 @@
 use anyhow::{Context, Result};
 
 use super::super::case::Case;
-use super::super::schema::{AddPod, AddService, ClientRole, RemoveNode, RemovePod, RemoveService, UseCluster};
+use super::super::schema::{
+    AddPod, AddService, AddServiceCidr, ClientRole, RemoveNode, RemovePod, RemoveService, UseCluster,
+};
 
 /// `add-pod`.
 pub fn add_pod(case: &mut Case, s: &AddPod) -> Result<()> {
@@ -17,10 +19,17 @@ pub fn remove_pod(case: &mut Case, s: &RemovePod) -> Result<()> {
     case.cluster_mut().remove_pod(&s.name)
 }
 
-/// `add-service`.
+/// `add-service`: reports the cluster IP it got.
 pub fn add_service(case: &mut Case, s: &AddService) -> Result<()> {
-    case.cluster_mut()
-        .add_service(&s.name, &s.namespace, &s.pod, s.port, s.target_port)
+    let cluster = case.cluster_mut();
+    cluster.add_service(&s.name, &s.namespace, &s.pod, (s.port, s.target_port), s.cluster_ip)?;
+    case.detail = Some(format!("cluster IP {}", case.cluster().service(&s.name)?.ip));
+    Ok(())
+}
+
+/// `add-service-cidr`.
+pub fn add_service_cidr(case: &mut Case, s: &AddServiceCidr) -> Result<()> {
+    case.cluster().add_service_cidr(&s.name, &s.cidr)
 }
 
 /// `remove-service`.

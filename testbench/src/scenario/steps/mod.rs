@@ -45,6 +45,7 @@ pub fn perform(case: &mut Case, step: &Step) -> Result<()> {
         Step::RemovePod(s) => changes::remove_pod(case, s),
         Step::AddService(s) => changes::add_service(case, s),
         Step::RemoveService(s) => changes::remove_service(case, s),
+        Step::AddServiceCidr(s) => changes::add_service_cidr(case, s),
         Step::AddNode(_) => changes::add_node(case),
         Step::RemoveNode(s) => changes::remove_node(case, s),
         Step::UseCluster(s) => changes::use_cluster(case, s),
