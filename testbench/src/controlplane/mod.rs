@@ -296,26 +296,31 @@ impl ControlPlane {
         Ok(serde_json::from_str(&reply.body)?)
     }
 
-    /// Creates or updates `object` with server-side apply (the testbench's
-    /// fields, forced), at `path` plus `suffix`; returns the object as stored.
+    /// Server-side apply (the testbench's fields, forced) of the JSON `body`
+    /// at `path`: creates or updates; returns the object as stored.
+    fn apply_json(&self, path: &str, body: Vec<u8>) -> Result<Reply> {
+        let target = format!("{path}?fieldManager=testbench&force=true");
+        let reply = self.request(Target::Api, "PATCH", &target, "application/apply-patch+yaml", body)?;
+        // 201 when it created the object.
+        if !matches!(reply.status, 200 | 201) {
+            bail!(
+                "the API refused to apply {path} ({}): {}",
+                reply.status,
+                message_of(&reply)
+            );
+        }
+        Ok(reply)
+    }
+
+    /// Server-side apply of a typed `object` at its path plus `suffix`.
     fn apply_at<K>(&self, object: &K, suffix: &str) -> Result<K>
     where
         K: k8s_openapi::Resource + k8s_openapi::Metadata<Ty = ObjectMeta> + Serialize + DeserializeOwned,
     {
         let meta = object.metadata();
         let name = meta.name.as_deref().context("object without a name")?;
-        let path = path_of::<K>(meta.namespace.as_deref(), name);
-        let body = serde_json::to_vec(object)?;
-        let target = format!("{path}{suffix}?fieldManager=testbench&force=true");
-        let reply = self.request(Target::Api, "PATCH", &target, "application/apply-patch+yaml", body)?;
-        // 201 when it created the object.
-        if !matches!(reply.status, 200 | 201) {
-            bail!(
-                "the API refused to apply {path}{suffix} ({}): {}",
-                reply.status,
-                message_of(&reply)
-            );
-        }
+        let path = format!("{}{suffix}", path_of::<K>(meta.namespace.as_deref(), name));
+        let reply = self.apply_json(&path, serde_json::to_vec(object)?)?;
         serde_json::from_str(&reply.body).with_context(|| format!("cannot read the applied {path}"))
     }
 

@@ -138,37 +138,18 @@ impl ControlPlane {
         let without: Vec<Permission> = without.iter().map(|t| permission(t)).collect::<Result<_>>()?;
         let role = role_without(&without)?;
         let name = role["metadata"]["name"].as_str().expect("checked in role()").to_owned();
-        let body = serde_json::to_vec(&role)?;
-        let path = format!("/apis/rbac.authorization.k8s.io/v1/clusterroles/{name}?fieldManager=testbench&force=true");
-        let r = self.request(super::Target::Api, "PATCH", &path, "application/apply-patch+yaml", body)?;
-        if !matches!(r.status, 200 | 201) {
-            bail!(
-                "the API refused the client's role ({}): {}",
-                r.status,
-                super::message_of(&r)
-            );
-        }
+        self.apply_json(
+            &format!("/apis/rbac.authorization.k8s.io/v1/clusterroles/{name}"),
+            serde_json::to_vec(&role)?,
+        )?;
         let binding = json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
             "metadata": {"name": ACCOUNT},
             "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": name},
             "subjects": [{"kind": "ServiceAccount", "name": ACCOUNT, "namespace": "default"}]});
-        let path = format!(
-            "/apis/rbac.authorization.k8s.io/v1/clusterrolebindings/{ACCOUNT}?fieldManager=testbench&force=true"
-        );
-        let r = self.request(
-            super::Target::Api,
-            "PATCH",
-            &path,
-            "application/apply-patch+yaml",
+        self.apply_json(
+            &format!("/apis/rbac.authorization.k8s.io/v1/clusterrolebindings/{ACCOUNT}"),
             binding.to_string().into_bytes(),
         )?;
-        if !matches!(r.status, 200 | 201) {
-            bail!(
-                "the API refused the client's role binding ({}): {}",
-                r.status,
-                super::message_of(&r)
-            );
-        }
         // The authorizer learns of RBAC changes from its own watch: wait for it.
         let deadline = Instant::now() + Duration::from_secs(10);
         'again: loop {
