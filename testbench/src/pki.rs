@@ -1,5 +1,6 @@
-//! Throwaway ECDSA P-256 certificates for the testbench: the fake Kubernetes
-//! API's CA and server certificate, and the peer VPNs' pinned certificates.
+//! Throwaway ECDSA P-256 certificates for the testbench: the control plane's
+//! CA, serving certificate and ServiceAccount signing key, and the peer VPNs'
+//! pinned certificates.
 
 use std::net::IpAddr;
 
