@@ -152,18 +152,20 @@ impl Cluster {
         let mut service = Service {
             name: name.into(),
             namespace: namespace.into(),
-            ip: self.plan.service_ip(services::next_host(&self.services)),
+            ip: Ipv4Addr::UNSPECIFIED,
             pod: pod.into(),
             port,
             target_port,
             udp: false,
         };
-        // With an API, the address it allocates (or the one asked for).
-        match (&self.api, cluster_ip) {
-            (Some(api), requested) => service.ip = api.put_service(&service, requested)?,
+        // With an API, the address it allocates (or the one asked for); the
+        // plan's next free one is only for clusters without (allocated
+        // addresses may end in .255, past what the plan counts).
+        service.ip = match (&self.api, cluster_ip) {
+            (Some(api), requested) => api.put_service(&service, requested)?,
             (None, Some(_)) => bail!("cluster_ip needs a Kubernetes API"),
-            (None, None) => {}
-        }
+            (None, None) => self.plan.service_ip(services::next_host(&self.services)),
+        };
         self.services.push(service);
         self.sync_services()?;
         self.sync_dns()?;
