@@ -172,6 +172,11 @@ fn an_mtu_black_hole_is_found_and_bulk_transfers_complete() {
 }
 
 #[test]
+fn beside_a_corporate_vpn_s_routed_range_the_pod_address_is_taken_on() {
+    run_scenario("corporate-vpn.toml");
+}
+
+#[test]
 fn every_scenario_file_has_a_test() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scenarios");
     let this = std::fs::read_to_string(file!()).unwrap_or_else(|_| {

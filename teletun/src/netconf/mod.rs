@@ -5,6 +5,7 @@
 
 pub mod dns;
 pub mod forwarder;
+pub mod local;
 pub mod netlink;
 pub mod overlap;
 pub mod record;

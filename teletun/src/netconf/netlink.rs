@@ -123,6 +123,27 @@ impl Netlink {
         }
     }
 
+    /// The indices of links that resolve neighbours (ARP, neighbour
+    /// discovery): not loopback, point-to-point or `NOARP` (TUN, WireGuard,
+    /// PPP devices are one of those).
+    pub async fn neighbour_links(&self) -> Result<std::collections::HashSet<u32>> {
+        use rtnetlink::packet_route::link::LinkFlags;
+        let links: Vec<_> = self
+            .handle
+            .link()
+            .get()
+            .execute()
+            .try_collect()
+            .await
+            .context("cannot list links")?;
+        let without = LinkFlags::Loopback | LinkFlags::Pointopoint | LinkFlags::Noarp;
+        Ok(links
+            .into_iter()
+            .filter(|l| !l.header.flags.intersects(without))
+            .map(|l| l.header.index)
+            .collect())
+    }
+
     /// Caps how many segments the kernel puts into one GSO packet for
     /// interface `index` (a TSO packet read from a TUN is split into that many).
     pub async fn set_gso_max_segments(&self, index: u32, segments: u32) -> Result<()> {

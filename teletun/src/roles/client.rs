@@ -20,6 +20,7 @@ use crate::keys::{Identity, PinnedKey};
 use crate::kube::{discovery, networks, Kube, KubeOptions};
 use crate::netconf::dns::DnsManager;
 use crate::netconf::forwarder::{self, Forwarder, Sources};
+use crate::netconf::local::LocalNetworks;
 use crate::netconf::netlink::{ChangeWatch, Netlink};
 use crate::netconf::record::Record;
 use crate::netconf::routes::RouteKeeper;
@@ -671,8 +672,10 @@ async fn first_connection(
 /// Whether the pod's addresses may go on this machine. On a reconnection
 /// (`tun`: the TUN's index) the TUN's own addresses and routes do not count.
 async fn check_pod_addresses(hello: &Hello, tun: Option<u32>) -> Result<Result<(), String>> {
-    let (local, on_link) = local_networks(tun).await?;
-    Ok(hello.check_addresses(&local, &on_link).map_err(|e| e.to_string()))
+    let own = LocalNetworks::read(&Netlink::connect()?, tun).await?;
+    Ok(hello
+        .check_addresses(&own.addresses, &own.on_link)
+        .map_err(|e| e.to_string()))
 }
 
 /// How a served link ended.
@@ -1010,34 +1013,6 @@ fn on_off(on: bool) -> &'static str {
     } else {
         "off"
     }
-}
-
-/// This machine's own addresses and the networks it reaches directly,
-/// leaving out interface `except` (our TUN, on a reconnection).
-async fn local_networks(except: Option<u32>) -> Result<(Vec<IpAddr>, Vec<IpNet>)> {
-    use rtnetlink::packet_route::route::RouteType;
-    let netlink = Netlink::connect()?;
-    let mut routes = netlink.routes(false).await?;
-    routes.extend(netlink.routes(true).await?);
-    routes.retain(|r| except.is_none() || r.oif != except);
-    let local = routes
-        .iter()
-        .filter(|r| r.kind == RouteType::Local)
-        .map(|r| r.destination.addr())
-        .collect();
-    let on_link = routes
-        .iter()
-        .filter(|r| {
-            let d = r.destination;
-            r.kind == RouteType::Unicast
-                && r.table == crate::netconf::netlink::TABLE_MAIN
-                && r.gateway.is_none()
-                && d.prefix_len() > 0
-                && crate::proto::control::usable_unicast(d.addr())
-        })
-        .map(|r| r.destination)
-        .collect();
-    Ok((local, on_link))
 }
 
 async fn add_addresses(hello: &Hello, tun: &Tun) -> Result<()> {
