@@ -83,6 +83,12 @@ pub struct ClientArgs {
     /// Do not register the cluster's DNS.
     #[arg(long)]
     pub no_dns: bool,
+    /// Let the cluster's DNS answer for this domain (repeatable). Without it,
+    /// only a cluster domain below a private-use suffix (`cluster.local`,
+    /// `*.internal`, `*.home.arpa`, …) is sent to the cluster: a public one
+    /// would take this machine's lookups of real names.
+    #[arg(long, value_name = "DOMAIN", value_parser = parse_cluster_domain)]
+    pub cluster_domain: Vec<String>,
     /// TUN device name; `%d` is replaced by the first free number.
     #[arg(long, value_name = "NAME", default_value = "tel%d")]
     pub tun_name: String,
@@ -92,6 +98,30 @@ pub struct ClientArgs {
     /// pod that is gone).
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub give_up_after: Option<std::time::Duration>,
+}
+
+/// A domain the user lets the cluster answer for: two labels or more of
+/// letters, digits and hyphens; lower case, without the trailing dot.
+pub fn parse_cluster_domain(text: &str) -> Result<String, String> {
+    let d = text.trim().trim_end_matches('.').to_ascii_lowercase();
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+    };
+    if !d.split('.').all(label_ok) || d.len() > 253 {
+        return Err(format!(
+            "{text:?} is not a domain name (letters, digits, hyphens and dots)"
+        ));
+    }
+    if !d.contains('.') {
+        return Err(format!(
+            "{d} is a top-level domain: every name under it would go to the cluster; name the cluster's own domain (k8s.example.com)"
+        ));
+    }
+    Ok(d)
 }
 
 /// A duration as a number with a unit: `500ms`, `30s`, `5m`, `2h` (a bare

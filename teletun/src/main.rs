@@ -142,6 +142,7 @@ fn run(cli: Cli) -> Result<()> {
                 routes: a.route,
                 tun_name: a.tun_name,
                 no_dns: a.no_dns,
+                cluster_domains: a.cluster_domain,
                 transport: Transport::default(),
                 give_up_after: a.give_up_after,
             };

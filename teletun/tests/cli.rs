@@ -76,6 +76,18 @@ fn bad_flags_give_one_line() {
         ]),
         "--route",
     );
+    for (domain, why) in [("com", "top-level domain"), ("bad_name.example", "not a domain name")] {
+        let o = teletun(&[
+            "client",
+            "-port=1",
+            "-server-pubkey=a",
+            "-client-pubkey=b",
+            "-client-privkey=c",
+            &format!("--cluster-domain={domain}"),
+        ]);
+        assert_one_error_line(&o, "--cluster-domain");
+        assert!(stderr(&o).contains(why), "{domain}: {}", stderr(&o));
+    }
 }
 
 #[test]

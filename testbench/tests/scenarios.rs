@@ -177,6 +177,11 @@ fn beside_a_corporate_vpn_s_routed_range_the_pod_address_is_taken_on() {
 }
 
 #[test]
+fn the_cluster_does_not_own_the_laptops_dns() {
+    run_scenario("dns-authority.toml");
+}
+
+#[test]
 fn every_scenario_file_has_a_test() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scenarios");
     let this = std::fs::read_to_string(file!()).unwrap_or_else(|_| {

@@ -73,12 +73,12 @@ impl Resolved {
             .collect();
         let domains: Vec<(&str, bool)> = conf.search.iter().map(|d| (d.as_str(), false)).collect();
         let why = "systemd-resolved refused to configure the tunnel's DNS";
+        // Never a default DNS route, even without a domain to route by: only
+        // the cluster's own names may go to the cluster. Set first, so no
+        // lookup goes there in between.
+        self.manager.set_link_default_route(index, false).await.context(why)?;
         self.manager.set_link_dns(index, &servers).await.context(why)?;
         self.manager.set_link_domains(index, &domains).await.context(why)?;
-        // With domains to route by, keep every other name away from the cluster.
-        if !domains.is_empty() {
-            self.manager.set_link_default_route(index, false).await.context(why)?;
-        }
         self.manager.set_link_llmnr(index, "no").await.context(why)?;
         self.manager.set_link_multicast_dns(index, "no").await.context(why)?;
         Ok(())

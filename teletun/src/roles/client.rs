@@ -64,6 +64,8 @@ pub struct ClientConfig {
     pub tun_name: String,
     /// Skip DNS registration.
     pub no_dns: bool,
+    /// Domains the user lets the cluster's DNS answer for (`--cluster-domain`).
+    pub cluster_domains: Vec<String>,
     /// The data plane's transport.
     pub transport: Transport,
     /// Stop reconnecting a lost session after this long (`None`: never).
@@ -651,7 +653,7 @@ async fn first_connection(
     let routes = AbortOnDrop(routes);
     let dns = match config.no_dns {
         true => None,
-        false => Some(register_dns(&hello, &tun, changes).await?),
+        false => Some(register_dns(&hello, &config.cluster_domains, &tun, changes).await?),
     };
     board.update(|r| {
         connected(r, &control, &link);
@@ -1036,7 +1038,7 @@ async fn add_addresses(hello: &Hello, tun: &Tun) -> Result<()> {
 /// servers with the cluster's domains as search and routing domains. Only the
 /// pod's nameservers and its search domains in the cluster's domain are used;
 /// its options (`ndots:5`) never reach this machine.
-async fn register_dns(hello: &Hello, tun: &Tun, changes: &mut Changes) -> Result<status::Dns> {
+async fn register_dns(hello: &Hello, trusted: &[String], tun: &Tun, changes: &mut Changes) -> Result<status::Dns> {
     let index = tun.index()?;
     let mut pod = resolv_conf::parse(&hello.resolv_conf);
     pod.nameservers.retain(|ns| {
@@ -1046,9 +1048,12 @@ async fn register_dns(hello: &Hello, tun: &Tun, changes: &mut Changes) -> Result
         }
         ok
     });
-    let split = SplitDomains::from_search(&pod.search);
+    let split = SplitDomains::from_search(&pod.search, trusted);
     for (domain, why) in &split.dropped {
         warn!("not installing the pod's search domain {domain}: {why}");
+    }
+    if split.zones.is_empty() {
+        warn!("the pod's resolv.conf names no cluster domain this machine may send names to: cluster names will not resolve (--cluster-domain=DOMAIN names one)");
     }
     let manager = DnsManager::detect().await;
     let (entry, conf) = match &manager {

@@ -284,16 +284,18 @@ impl Cluster {
     /// Starts server-cluster, then server-external, and waits until they are
     /// connected to each other.
     pub fn start_servers(&mut self) -> Result<()> {
-        self.start_server_cluster()?;
+        self.start_server_cluster(None)?;
         self.start_server_external()
     }
 
     /// Starts server-cluster and waits for its takeover (and for server-external
-    /// to link up with it, if that runs).
-    pub fn start_server_cluster(&mut self) -> Result<()> {
+    /// to link up with it, if that runs). Its pod's resolv.conf is the plan's
+    /// unless `resolv_conf` says otherwise.
+    pub fn start_server_cluster(&mut self, resolv_conf: Option<&str>) -> Result<()> {
         let before = self.running_mut("server-external").map(|p| servers::links_so_far(p));
         let pod = self.pod("teletun")?.clone();
-        let p = servers::start_server_cluster(&self.teletun, &self.files, &pod, &self.plan.pod_resolv_conf())?;
+        let resolv_conf = resolv_conf.map_or_else(|| self.plan.pod_resolv_conf(), str::to_owned);
+        let p = servers::start_server_cluster(&self.teletun, &self.files, &pod, &resolv_conf)?;
         self.replace_process(p);
         match before {
             Some(n) => servers::wait_linked(self.process_mut("server-external")?, n),

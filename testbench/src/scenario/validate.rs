@@ -6,7 +6,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use super::schema::*;
-use super::values::{is_dns_label, Answer, Place, Process, Target};
+use super::values::{is_dns_label, Answer, Place, Process, Role, Target};
 use crate::topology::{Topology, MAX_CLUSTERS, MAX_NODES};
 
 /// Where a finding is.
@@ -285,6 +285,10 @@ pub fn check(topology: &Topology, steps: &[Step], profiles: &BTreeSet<String>) -
                     ),
                 ),
             },
+            Step::StartServer(s) if s.resolv_conf.is_some() && s.role != Role::ServerCluster => problem(
+                "resolv_conf",
+                "only server-cluster reads the pod's resolv.conf; set role = \"server-cluster\"".into(),
+            ),
             Step::CompactApi(_) if !topology.kubernetes => problem(
                 "do",
                 "compact-api needs a Kubernetes API; set [topology] kubernetes = true".into(),

@@ -19,6 +19,9 @@ pub struct StartServers {}
 pub struct StartServer {
     /// Which role.
     pub role: Role,
+    /// server-cluster only: the pod's resolv.conf instead of the one kubelet
+    /// writes (a pod `dnsConfig`, or a compromised server, deciding the search list).
+    pub resolv_conf: Option<String>,
 }
 
 /// Stop one server role with a signal; it must exit (0 unless SIGKILL).

@@ -302,7 +302,7 @@ pub fn plant_record(case: &mut Case, s: &PlantRecord) -> Result<()> {
         std::fs::write(&path, &text)?;
     }
     let decoy_before = std::fs::read(&decoy).ok();
-    case.cluster_mut().start_server_cluster()?;
+    case.cluster_mut().start_server_cluster(None)?;
     let log = case.cluster_mut().process_mut("server-cluster")?.log_text();
     let line = log
         .lines()

@@ -18,7 +18,7 @@ use crate::exec::{self, Background};
 /// `start-server`: one role alone.
 pub fn start_server(case: &mut Case, s: &StartServer) -> Result<()> {
     match s.role {
-        Role::ServerCluster => case.cluster_mut().start_server_cluster()?,
+        Role::ServerCluster => case.cluster_mut().start_server_cluster(s.resolv_conf.as_deref())?,
         Role::ServerExternal => case.cluster_mut().start_server_external()?,
     }
     if case.roaming.probe.is_some() {
