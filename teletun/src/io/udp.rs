@@ -52,7 +52,9 @@ impl Udp {
         if bind.is_ipv6() {
             s.set_only_v6(false).ok();
         }
-        s.set_reuse_address(true)?;
+        // No SO_REUSEADDR (nor SO_REUSEPORT): on Linux any other process
+        // setting it too could bind the same address and port and take the
+        // session's datagrams. UDP has no TIME_WAIT to reuse past.
         let fd = s.as_raw_fd();
         sys::size_buffers(fd, 4 << 20);
         let (level, opt, val) = if bind.is_ipv6() {
@@ -286,6 +288,27 @@ mod tests {
         assert_eq!(peer.recv(&mut got).unwrap(), 1);
         assert_eq!(got.get(0), b"after");
         assert_eq!(got.peer(0).map(|p| p.ip()), Some(u.local_addr().unwrap().ip()));
+    }
+
+    /// Another process (a hostNetwork pod on the node, a local user on the
+    /// laptop) must not share the socket's address and port, whichever
+    /// sharing option it sets.
+    #[test]
+    fn nobody_else_can_bind_the_sessions_port() {
+        use socket2::{Domain, Socket, Type};
+        for bind in ["127.0.0.1:0", "[::]:0"] {
+            let u = Udp::bind(bind.parse().unwrap()).unwrap();
+            let taken = u.local_addr().unwrap();
+            for (reuse_address, reuse_port) in [(true, false), (false, true), (true, true)] {
+                let other = Socket::new(Domain::for_address(taken), Type::DGRAM, None).unwrap();
+                other.set_reuse_address(reuse_address).unwrap();
+                other.set_reuse_port(reuse_port).unwrap();
+                let e = other
+                    .bind(&taken.into())
+                    .expect_err("a second socket bound the session's port");
+                assert_eq!(e.kind(), io::ErrorKind::AddrInUse, "{taken}: {e}");
+            }
+        }
     }
 
     #[test]
