@@ -58,6 +58,12 @@ pub struct ClientArgs {
     /// Route cluster networks even where they overlap this machine's routes.
     #[arg(long)]
     pub allow_conflicting: bool,
+    /// Route public networks the Kubernetes API names, and take on a public
+    /// pod address; by default only private-use space (RFC 1918, 100.64/10,
+    /// 198.18/15, fc00::/7) is, so a broken or hostile cluster cannot take
+    /// this machine's internet traffic.
+    #[arg(long)]
+    pub allow_public_networks: bool,
     /// server-external's port (TCP and UDP).
     #[arg(long, value_name = "PORT", value_parser = clap::value_parser!(u16).range(1..))]
     pub port: u16,

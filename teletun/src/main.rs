@@ -136,6 +136,7 @@ fn run(cli: Cli) -> Result<()> {
                 server: SocketAddr::new(address, a.port),
                 kube,
                 allow_conflicting: a.allow_conflicting,
+                allow_public_networks: a.allow_public_networks,
                 identity,
                 identity_path: a.client_privkey,
                 server_key,

@@ -20,6 +20,48 @@ pub const SHORTEST_V4: u8 = 8;
 /// See [`SHORTEST_V4`].
 pub const SHORTEST_V6: u8 = 16;
 
+/// The most networks routed from the Kubernetes API: far more than a
+/// cluster's node podCIDRs and ServiceCIDRs (or, without those, its pods'
+/// addresses), few enough that a broken or hostile API cannot fill the
+/// routing table.
+pub const MAX_CLUSTER_NETWORKS: usize = 16384;
+
+/// Address space no public host has: RFC 1918, the shared space of RFC 6598
+/// (`100.64.0.0/10`, which some CNIs use), the benchmarking range
+/// `198.18.0.0/15`, and IPv6 unique local addresses (`fc00::/7`).
+pub const PRIVATE_USE: &[&str] = &[
+    "10.0.0.0/8",
+    "172.16.0.0/12",
+    "192.168.0.0/16",
+    "100.64.0.0/10",
+    "198.18.0.0/15",
+    "fc00::/7",
+];
+
+/// Whether all of `net` lies in [`PRIVATE_USE`] space.
+pub fn private_use(net: &IpNet) -> bool {
+    PRIVATE_USE
+        .iter()
+        .filter_map(|p| p.parse::<IpNet>().ok())
+        .any(|p| p.contains(net))
+}
+
+/// Why this machine must not take on `ip` as the pod's address, if so: it is
+/// the tunnel endpoint's or the Kubernetes API's (`never`: both would become
+/// unreachable), or a public address (`allow_public` false: its traffic would
+/// stay on this machine instead of reaching the internet).
+pub fn pod_address_reason(ip: IpAddr, never: &[IpAddr], allow_public: bool) -> Option<String> {
+    if never.contains(&ip) {
+        return Some(format!("{ip} is the tunnel endpoint's or the Kubernetes API's address"));
+    }
+    if !allow_public && !private_use(&IpNet::from(ip)) {
+        return Some(format!(
+            "{ip} is a public address: this machine would keep its traffic to that host; --allow-public-networks takes it on anyway"
+        ));
+    }
+    None
+}
+
 /// What decides which networks may go into the tunnel.
 #[derive(Clone, Debug, Default)]
 pub struct RoutePolicy {
@@ -31,8 +73,11 @@ pub struct RoutePolicy {
     pub allow_conflicting: bool,
     /// The tunnel's interface index (its own routes never conflict).
     pub own_index: Option<u32>,
-    /// Networks the user asked for (`--route`): not held to the width limit.
+    /// Networks the user asked for (`--route`): not held to the width,
+    /// private-use or count limits.
     pub explicit: BTreeSet<IpNet>,
+    /// Route public networks from the API too (`--allow-public-networks`).
+    pub allow_public: bool,
 }
 
 /// What to change.
@@ -53,8 +98,14 @@ impl RoutePolicy {
             return Some(format!("it contains {ip}, the tunnel endpoint or the Kubernetes API"));
         }
         let shortest = if net.addr().is_ipv4() { SHORTEST_V4 } else { SHORTEST_V6 };
-        if net.prefix_len() < shortest && !self.explicit.contains(net) {
+        let explicit = self.explicit.contains(net);
+        if net.prefix_len() < shortest && !explicit {
             return Some(format!("it is wider than a /{shortest}, more than a cluster's network"));
+        }
+        if !explicit && !self.allow_public && !private_use(net) {
+            return Some(format!(
+                "it holds public addresses, whose traffic stays on the internet; --route {net} or --allow-public-networks routes it"
+            ));
         }
         if net.addr().is_ipv6() && !self.with_v6 {
             return Some("the pod has no IPv6 address".into());
@@ -68,10 +119,17 @@ impl RoutePolicy {
     pub fn plan(&self, wanted: &BTreeSet<IpNet>, installed: &BTreeSet<IpNet>, existing: &[Route]) -> RoutePlan {
         let mut plan = RoutePlan::default();
         let mut keep = BTreeSet::new();
+        let mut from_cluster = 0;
         for net in wanted {
+            let counted = !self.explicit.contains(net);
             match self.outside_reason(net) {
                 Some(why) => plan.refused.push((*net, why)),
+                None if counted && from_cluster >= MAX_CLUSTER_NETWORKS => plan.refused.push((
+                    *net,
+                    format!("the cluster names more than {MAX_CLUSTER_NETWORKS} networks; the rest are not routed"),
+                )),
                 None => {
+                    from_cluster += usize::from(counted);
                     keep.insert(*net);
                 }
             }
@@ -111,7 +169,12 @@ pub struct RouteKeeper {
 impl RouteKeeper {
     /// Routes `fixed` always, plus what [`Self::sync`] is given; never a
     /// network containing one of `never`.
-    pub fn new(fixed: &[IpNet], never: Vec<IpAddr>, allow_conflicting: bool) -> Result<RouteKeeper> {
+    pub fn new(
+        fixed: &[IpNet],
+        never: Vec<IpAddr>,
+        allow_conflicting: bool,
+        allow_public: bool,
+    ) -> Result<RouteKeeper> {
         for route in fixed {
             if let Some(ip) = never.iter().find(|ip| route.contains(*ip)) {
                 bail!("route {route} contains {ip}, which must stay outside the tunnel (the tunnel endpoint or the Kubernetes API)");
@@ -123,6 +186,7 @@ impl RouteKeeper {
                 never,
                 allow_conflicting,
                 explicit: fixed.iter().copied().collect(),
+                allow_public,
                 ..RoutePolicy::default()
             },
             fixed: fixed.iter().copied().collect(),
@@ -237,6 +301,7 @@ mod tests {
             allow_conflicting: false,
             own_index: Some(9),
             explicit: set(&["64.0.0.0/2"]),
+            allow_public: false,
         }
     }
 
@@ -250,6 +315,7 @@ mod tests {
             "1.0.0.0/1",
             "fd00::/64",
             "64.0.0.0/2",
+            "8.8.8.8/32",
         ]);
         let installed = set(&["10.244.1.0/24", "10.245.0.0/16"]);
         let plan = policy().plan(&wanted, &installed, &lan());
@@ -265,6 +331,7 @@ mod tests {
             refused,
             [
                 ("1.0.0.0/1".into(), "it is wider than a /8"),
+                ("8.8.8.8/32".into(), "it holds public addresses"),
                 ("203.0.113.0/24".into(), "it contains 203.0.113.11"),
                 ("fd00::/64".into(), "the pod has no IPv6 address"),
                 (
@@ -283,6 +350,55 @@ mod tests {
             plan.add,
             vec![net("10.96.0.0/12"), net("64.0.0.0/2"), net("192.168.1.0/25")]
         );
+    }
+
+    #[test]
+    fn public_networks_need_the_user_s_word() {
+        let wanted = set(&["8.8.8.0/24", "100.64.0.0/16", "2001:db8::/64", "fd00:1::/64"]);
+        let with_v6 = RoutePolicy {
+            with_v6: true,
+            ..policy()
+        };
+        let plan = with_v6.plan(&wanted, &BTreeSet::new(), &[]);
+        assert_eq!(plan.add, vec![net("100.64.0.0/16"), net("fd00:1::/64")]);
+        assert!(plan.refused.iter().all(|(_, why)| why.contains("--route")));
+        let plan = RoutePolicy {
+            allow_public: true,
+            ..with_v6
+        }
+        .plan(&wanted, &BTreeSet::new(), &[]);
+        assert_eq!(plan.add.len(), 4);
+    }
+
+    #[test]
+    fn a_cluster_naming_too_many_networks_gets_a_bounded_table() {
+        let wanted: BTreeSet<IpNet> = (0..MAX_CLUSTER_NETWORKS as u32 + 10)
+            .map(|i| IpNet::from(IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + i))))
+            .chain([net("64.0.0.0/2")])
+            .collect();
+        let plan = policy().plan(&wanted, &BTreeSet::new(), &[]);
+        assert_eq!(
+            plan.add.len(),
+            MAX_CLUSTER_NETWORKS + 1,
+            "the cap and the user's own route"
+        );
+        assert!(plan.add.contains(&net("64.0.0.0/2")));
+        assert_eq!(plan.refused.len(), 10);
+        assert!(plan.refused[0].1.contains("more than 16384 networks"));
+    }
+
+    #[test]
+    fn a_pod_address_must_be_private_and_not_the_endpoint() {
+        let never: Vec<IpAddr> = vec!["10.0.0.1".parse().unwrap()];
+        let reason = |ip: &str, public| pod_address_reason(ip.parse().unwrap(), &never, public);
+        assert_eq!(reason("10.244.1.5", false), None);
+        assert_eq!(reason("fd00:10:244:1::5", false), None);
+        assert!(reason("1.1.1.1", false).unwrap().contains("public address"));
+        assert!(reason("2001:4860:4860::8888", false)
+            .unwrap()
+            .contains("public address"));
+        assert_eq!(reason("1.1.1.1", true), None);
+        assert!(reason("10.0.0.1", true).unwrap().contains("tunnel endpoint"));
     }
 
     fn nets() -> impl Strategy<Value = BTreeSet<IpNet>> {
@@ -317,6 +433,7 @@ mod tests {
             prop_assert!(again.add.is_empty() && again.remove.is_empty());
             prop_assert!(now.iter().all(|n| !p.never.iter().any(|ip| n.contains(ip))));
             prop_assert!(now.iter().all(|n| n.prefix_len() >= SHORTEST_V4 || p.explicit.contains(n)));
+            prop_assert!(now.iter().all(|n| private_use(n) || p.explicit.contains(n)));
             let undo = p.plan(&BTreeSet::new(), &now, &lan());
             prop_assert_eq!(undo.remove.iter().copied().collect::<BTreeSet<_>>(), now);
         }

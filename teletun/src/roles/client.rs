@@ -52,6 +52,8 @@ pub struct ClientConfig {
     pub kube: Option<KubeTarget>,
     /// Route cluster networks even where they overlap existing routes.
     pub allow_conflicting: bool,
+    /// Route public networks from the API and take on a public pod address.
+    pub allow_public_networks: bool,
     /// Our key.
     pub identity: Identity,
     /// Where our private key came from (for messages).
@@ -604,7 +606,7 @@ async fn first_connection(
         .map_err(|f| f.error)?;
     let hello = control.hello.clone();
     info!("connected to {}: {hello}", config.server);
-    if let Err(why) = check_pod_addresses(&hello, None).await? {
+    if let Err(why) = check_pod_addresses(&hello, None, config, cluster).await? {
         control.leave().await;
         bail!(
             "the server at {} announced a pod address this machine must not take on: {why}; refusing the session (check the server-cluster pod)",
@@ -671,13 +673,26 @@ async fn first_connection(
     Ok((control, link, installed))
 }
 
-/// Whether the pod's addresses may go on this machine. On a reconnection
-/// (`tun`: the TUN's index) the TUN's own addresses and routes do not count.
-async fn check_pod_addresses(hello: &Hello, tun: Option<u32>) -> Result<Result<(), String>> {
+/// Whether the pod's addresses may go on this machine: private-use unless
+/// `--allow-public-networks`, never the server's or the API's, nor this
+/// machine's own or on-link. On a reconnection (`tun`: the TUN's index) the
+/// TUN's own addresses and routes do not count.
+async fn check_pod_addresses(
+    hello: &Hello,
+    tun: Option<u32>,
+    config: &ClientConfig,
+    cluster: Option<&ClusterView>,
+) -> Result<Result<(), String>> {
+    let never = never_routed(config, cluster);
+    let reason = hello
+        .addresses
+        .iter()
+        .find_map(|ip| crate::netconf::routes::pod_address_reason(*ip, &never, config.allow_public_networks));
+    if let Some(why) = reason {
+        return Ok(Err(why));
+    }
     let own = LocalNetworks::read(&Netlink::connect()?, tun).await?;
-    Ok(hello
-        .check_addresses(&own.addresses, &own.on_link)
-        .map_err(|e| e.to_string()))
+    Ok(hello.check_addresses(&own.addresses, &own.on_link))
 }
 
 /// How a served link ended.
@@ -994,7 +1009,7 @@ async fn attempt_once(
     let mut control = connect_control(config, *server, RECONNECT_TIMEOUT, RECONNECT_STEP_TIMEOUT).await?;
     if control.hello.addresses != installed.addresses {
         let tun = installed.tun.index()?;
-        if let Err(why) = check_pod_addresses(&control.hello, Some(tun)).await? {
+        if let Err(why) = check_pod_addresses(&control.hello, Some(tun), config, cluster).await? {
             control.leave().await;
             return Err(Failure::lasting(anyhow!(
                 "the server at {server} now announces a pod address this machine must not take on: {why}"
@@ -1138,18 +1153,28 @@ fn tun_routes(index: u32) -> impl Fn() -> std::pin::Pin<Box<dyn std::future::Fut
     }
 }
 
-/// The keeper of the tunnel's routes: the `--route` networks plus the
-/// cluster's networks as the API shows them, never one that covers the API
-/// server or the tunnel's own endpoint.
-fn route_keeper(config: &ClientConfig, cluster: Option<&ClusterView>) -> Result<RouteKeeper> {
+/// Addresses that must stay outside the tunnel: the server's and the API's.
+fn never_routed(config: &ClientConfig, cluster: Option<&ClusterView>) -> Vec<IpAddr> {
     let mut never = vec![config.server.ip()];
     if let Some(c) = cluster {
         never.extend(c.kube.api_addresses.iter().copied());
     }
+    never
+}
+
+/// The keeper of the tunnel's routes: the `--route` networks plus the
+/// cluster's networks as the API shows them, never one that covers the API
+/// server or the tunnel's own endpoint.
+fn route_keeper(config: &ClientConfig, cluster: Option<&ClusterView>) -> Result<RouteKeeper> {
     if config.routes.is_empty() && cluster.is_none() {
         warn!("no routes: pass --route CIDR, or -pod with a kubeconfig, to reach the cluster");
     }
-    RouteKeeper::new(&config.routes, never, config.allow_conflicting)
+    RouteKeeper::new(
+        &config.routes,
+        never_routed(config, cluster),
+        config.allow_conflicting,
+        config.allow_public_networks,
+    )
 }
 
 #[cfg(test)]
