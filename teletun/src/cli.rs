@@ -55,6 +55,10 @@ pub struct ClientArgs {
     /// The kubeconfig context [default: its current context].
     #[arg(long, value_name = "NAME")]
     pub context: Option<String>,
+    /// Use a kubeconfig whose cluster sets insecure-skip-tls-verify (refused
+    /// otherwise: the API decides which server is dialled and what is routed).
+    #[arg(long)]
+    pub allow_insecure_kubeconfig: bool,
     /// Route cluster networks even where they overlap this machine's routes.
     #[arg(long)]
     pub allow_conflicting: bool,

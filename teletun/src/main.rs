@@ -128,6 +128,7 @@ fn run(cli: Cli) -> Result<()> {
                     kubeconfig: a.kubeconfig,
                     context: a.context,
                     namespace: a.namespace,
+                    allow_insecure: a.allow_insecure_kubeconfig,
                 },
                 pod,
             });

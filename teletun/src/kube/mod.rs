@@ -20,6 +20,9 @@ pub struct KubeOptions {
     pub context: Option<String>,
     /// `--namespace NAME`.
     pub namespace: Option<String>,
+    /// Use a kubeconfig whose cluster skips TLS verification
+    /// (`--allow-insecure-kubeconfig`).
+    pub allow_insecure: bool,
 }
 
 /// A connected API client.
@@ -55,6 +58,14 @@ impl Kube {
                 .context("cannot load a kubeconfig (KUBECONFIG, ~/.kube/config); pass -kubeconfig=FILE")?,
         };
         let url = config.cluster_url.to_string();
+        if config.accept_invalid_certs {
+            if !opts.allow_insecure {
+                return Err(anyhow!(
+                    "the kubeconfig's cluster {url} sets insecure-skip-tls-verify: whoever is on the path to the API could choose the server this machine dials and the networks it routes; give the cluster's CA (certificate-authority-data) or pass --allow-insecure-kubeconfig"
+                ));
+            }
+            tracing::warn!("the Kubernetes API's certificate at {url} is not checked (insecure-skip-tls-verify, --allow-insecure-kubeconfig)");
+        }
         let host = config
             .cluster_url
             .host()

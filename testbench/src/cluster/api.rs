@@ -28,6 +28,8 @@ closed_set! {
         WrongToken = "wrong-token",
         /// A port where no API listens.
         Unreachable = "unreachable",
+        /// The right API, its certificate unchecked (`insecure-skip-tls-verify`).
+        Insecure = "insecure",
     }
 }
 
@@ -47,6 +49,14 @@ pub fn broken_kubeconfig(good: &Path, variant: BrokenKubeconfig) -> Result<PathB
             .collect::<Vec<_>>()
             .join("\n"),
         BrokenKubeconfig::Unreachable => text.replace(&format!(":{API_PORT}"), ":6999"),
+        BrokenKubeconfig::Insecure => text
+            .lines()
+            .map(|l| match l.split_once("certificate-authority-data:") {
+                Some((indent, _)) => format!("{indent}insecure-skip-tls-verify: true"),
+                None => l.to_owned(),
+            })
+            .collect::<Vec<_>>()
+            .join("\n"),
     };
     let path = good.with_file_name(format!("kubeconfig-{variant}"));
     std::fs::write(&path, broken).with_context(|| format!("cannot write {}", path.display()))?;
