@@ -228,8 +228,7 @@ where
 {
     use std::os::unix::fs::PermissionsExt;
     let path = socket_path(tun);
-    let dir = run_dir();
-    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    crate::netconf::record::ensure_run_dir()?;
     // A socket file left by a killed client with this TUN name.
     let _ = std::fs::remove_file(&path);
     let listener =
@@ -299,11 +298,21 @@ pub async fn query_all() -> Vec<Answer> {
     answers
 }
 
+/// The longest status answer read (a report with every route of a large
+/// cluster fits).
+const MAX_REPORT_LEN: u64 = 4 << 20;
+
 async fn query(path: &std::path::Path) -> Answer {
     let asked = async {
         let mut stream = tokio::net::UnixStream::connect(path).await?;
+        // A report is a few KiB; whatever answers more is not a client.
         let mut text = Vec::new();
-        stream.read_to_end(&mut text).await?;
+        (&mut stream).take(MAX_REPORT_LEN + 1).read_to_end(&mut text).await?;
+        if text.len() as u64 > MAX_REPORT_LEN {
+            return Err(std::io::Error::other(format!(
+                "answer longer than {MAX_REPORT_LEN} bytes"
+            )));
+        }
         Ok::<_, std::io::Error>(text)
     };
     match tokio::time::timeout(Duration::from_secs(2), asked).await {

@@ -18,6 +18,57 @@ pub fn run_dir() -> PathBuf {
     std::env::var_os("TELETUN_RUN_DIR").map_or_else(|| PathBuf::from(DEFAULT_RUN_DIR), PathBuf::from)
 }
 
+/// Makes the run directory ready for records and sockets: created with mode
+/// 0700, or, if it exists, a real directory (not a symlink) owned by this
+/// user, tightened to 0700 if it was looser (made by an older version under
+/// the umask). Anything else is refused: whoever else could write there could
+/// plant records that `cleanup` acts on, or sockets `status` believes.
+pub fn ensure_run_dir() -> Result<PathBuf> {
+    let dir = run_dir();
+    ensure_private_dir(&dir)?;
+    Ok(dir)
+}
+
+/// See [`ensure_run_dir`].
+fn ensure_private_dir(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+    match fs::DirBuilder::new().mode(0o700).create(dir) {
+        Ok(()) => return Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e).with_context(|| format!("cannot create {}", dir.display())),
+    }
+    let meta = fs::symlink_metadata(dir).with_context(|| format!("cannot look at {}", dir.display()))?;
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    if !meta.is_dir() {
+        anyhow::bail!(
+            "{} is not a directory (a symlink or a file): remove it, then start again",
+            dir.display()
+        );
+    }
+    if meta.uid() != me {
+        anyhow::bail!(
+            "{} belongs to uid {}, not to this user (uid {me}): remove it, then start again",
+            dir.display(),
+            meta.uid()
+        );
+    }
+    if meta.mode() & 0o077 != 0 {
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("cannot make {} private", dir.display()))?;
+    }
+    Ok(())
+}
+
+/// Whether `name` can be a Linux interface name: 1–15 bytes, none of them
+/// `/`, `:`, whitespace or control characters, and not `.` or `..`.
+pub fn valid_interface_name(name: &str) -> bool {
+    (1..libc::IF_NAMESIZE).contains(&name.len())
+        && name != "."
+        && name != ".."
+        && name.bytes().all(|b| b.is_ascii_graphic() && b != b'/' && b != b':')
+}
+
 /// One client instance's changes, written before each change is made.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Record {
@@ -83,12 +134,21 @@ impl Record {
 
     /// Writes the record atomically (write to a temporary file, then rename).
     pub fn save(&self) -> Result<()> {
-        let dir = run_dir();
-        fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        use std::os::unix::fs::OpenOptionsExt;
+        let dir = ensure_run_dir()?;
         let path = self.path();
         let tmp = dir.join(format!(".{}.{}.tmp", self.iface, self.pid));
         let json = serde_json::to_vec_pretty(self)?;
-        let mut f = fs::File::create(&tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
+        // A leftover of a crash (unlinked, never followed), then a file of
+        // our own: never one a link points to.
+        let _ = fs::remove_file(&tmp);
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&tmp)
+            .with_context(|| format!("cannot write {}", tmp.display()))?;
         f.write_all(&json)?;
         f.sync_all()?;
         fs::rename(&tmp, &path).with_context(|| format!("cannot write {}", path.display()))
@@ -104,10 +164,46 @@ impl Record {
     }
 }
 
-/// Reads one record.
+/// The largest record file read (a real one is a few hundred bytes).
+const MAX_RECORD_LEN: u64 = 64 * 1024;
+
+/// Reads one record (not following a symlink), and checks that it names an
+/// interface and a DNS entry a client could have made, so `cleanup` never
+/// acts on another's (`eth0.dhcp`) or on a path outside the run directory.
 pub fn load(path: &Path) -> Result<Record> {
-    let data = fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-    serde_json::from_slice(&data).with_context(|| format!("{} is not a TeleTUN record", path.display()))
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .with_context(|| format!("cannot read {} (a symlink is not read)", path.display()))?;
+    let mut data = Vec::new();
+    f.take(MAX_RECORD_LEN + 1)
+        .read_to_end(&mut data)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    if data.len() as u64 > MAX_RECORD_LEN {
+        anyhow::bail!("{} is larger than any TeleTUN record", path.display());
+    }
+    let rec: Record =
+        serde_json::from_slice(&data).with_context(|| format!("{} is not a TeleTUN record", path.display()))?;
+    if !valid_interface_name(&rec.iface) {
+        anyhow::bail!(
+            "{} names no interface a client could have made ({:?})",
+            path.display(),
+            rec.iface
+        );
+    }
+    let ours = super::forwarder::registration_name(&rec.iface);
+    if rec.dns_name.as_deref().is_some_and(|n| n != ours && n != rec.iface) {
+        anyhow::bail!(
+            "{} names a DNS entry no client of {} makes ({:?})",
+            path.display(),
+            rec.iface,
+            rec.dns_name.as_deref().unwrap_or_default()
+        );
+    }
+    Ok(rec)
 }
 
 /// Every record on this machine, with the file it came from. Unreadable files
@@ -146,6 +242,93 @@ mod tests {
             !reused.owner_alive(),
             "a pid with another start time is another process"
         );
+    }
+
+    /// The run directory is made private, a loose one of ours tightened; a
+    /// symlink or another user's directory refused.
+    #[test]
+    fn the_run_directory_is_private_and_ours() {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let base = std::env::temp_dir().join(format!("teletun-rundir-{}", std::process::id()));
+        fs::create_dir_all(&base).unwrap();
+        let fresh = base.join("fresh");
+        ensure_private_dir(&fresh).unwrap();
+        assert_eq!(fs::metadata(&fresh).unwrap().mode() & 0o777, 0o700);
+        let loose = base.join("loose");
+        fs::create_dir(&loose).unwrap();
+        fs::set_permissions(&loose, fs::Permissions::from_mode(0o777)).unwrap();
+        ensure_private_dir(&loose).unwrap();
+        assert_eq!(fs::metadata(&loose).unwrap().mode() & 0o777, 0o700);
+        let link = base.join("link");
+        std::os::unix::fs::symlink(&loose, &link).unwrap();
+        let e = ensure_private_dir(&link).unwrap_err().to_string();
+        assert!(e.contains("not a directory"), "{e}");
+        let theirs = base.join("theirs");
+        fs::create_dir(&theirs).unwrap();
+        // SAFETY: chown on a path we made; 65534 is nobody.
+        let c = std::ffi::CString::new(theirs.as_os_str().as_encoded_bytes()).unwrap();
+        if unsafe { libc::chown(c.as_ptr(), 65534, 65534) } == 0 {
+            let e = ensure_private_dir(&theirs).unwrap_err().to_string();
+            assert!(e.contains("belongs to uid 65534"), "{e}");
+        } else {
+            // Only root can give a directory away; the tests run as root.
+            panic!("cannot chown {} (run the tests as root)", theirs.display());
+        }
+        fs::remove_dir_all(&base).unwrap();
+    }
+
+    #[test]
+    fn interface_names_are_checked() {
+        for good in ["tel0", "tel-test", "wg.corp"] {
+            assert!(valid_interface_name(good), "{good}");
+        }
+        for bad in [
+            "",
+            ".",
+            "..",
+            "../../etc",
+            "a/b",
+            "eth0:1",
+            "with space",
+            "sixteen-bytes-xx",
+        ] {
+            assert!(!valid_interface_name(bad), "{bad}");
+        }
+    }
+
+    /// A planted record names a path or another's DNS entry, or is a symlink:
+    /// it is refused with its reason; a real one loads.
+    #[test]
+    fn records_that_no_client_wrote_are_refused() {
+        let dir = std::env::temp_dir().join(format!("teletun-records-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let write = |name: &str, rec: &Record| {
+            let path = dir.join(name);
+            fs::write(&path, serde_json::to_vec(rec).unwrap()).unwrap();
+            path
+        };
+        let good = Record {
+            dns_name: Some("lo.teletun-tel0".into()),
+            ..Record::for_self("tel0")
+        };
+        assert_eq!(load(&write("good.json", &good)).unwrap(), good);
+        let climbing = Record {
+            iface: "../../etc/x".into(),
+            ..good.clone()
+        };
+        let e = load(&write("climbing.json", &climbing)).unwrap_err().to_string();
+        assert!(e.contains("names no interface"), "{e}");
+        let lan = Record {
+            dns_name: Some("eth0.dhcp".into()),
+            ..good.clone()
+        };
+        let e = load(&write("lan.json", &lan)).unwrap_err().to_string();
+        assert!(e.contains("names a DNS entry no client"), "{e}");
+        let link = dir.join("link.json");
+        std::os::unix::fs::symlink(dir.join("good.json"), &link).unwrap();
+        let e = format!("{:#}", load(&link).unwrap_err());
+        assert!(e.contains("symlink"), "{e}");
+        fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
