@@ -11,8 +11,21 @@
 //! Keys come from the key block of the session (TLS 1.2 PRF over the master
 //! secret and both randoms, RFC 5246 §6.3). Our records carry epoch 1 and
 //! sequence numbers from [`FIRST_SEQUENCE`], above any OpenSSL could have used
-//! during the handshake; the explicit nonce is epoch and sequence (RFC 5288 §3),
-//! so it never repeats under one key.
+//! during the handshake, so the *sequence numbers* (replay window, record
+//! header) never repeat. Our explicit nonce is epoch and sequence (RFC 5288
+//! §3): it counts up from `2^48 + 2^20` and never repeats among our records.
+//!
+//! The nonce is shared with OpenSSL under the same write key, though, and
+//! OpenSSL does not use the sequence number: its epoch-1 records (Finished,
+//! and any retransmission of the final flight it answers later) carry an
+//! explicit nonce that starts at a random 64-bit value and counts up
+//! (`EVP_CTRL_GCM_SET_IV_FIXED` draws it; `EVP_CTRL_GCM_IV_GEN` increments
+//! it). One of those can equal one of ours only if that random start falls
+//! within our used range: with `k` OpenSSL records and `n` of ours, the chance
+//! is at most `k·n / 2^64` (below 2^-40 for a session of 2^20 of ours per
+//! OpenSSL record, 2^-28 after 2^32 records) — the random-IV bound of
+//! NIST SP 800-38D §8.2.2, not a guarantee. A repeat would expose the XOR of
+//! two plaintexts and the GHASH key of that direction for the session.
 
 use std::ops::Range;
 
