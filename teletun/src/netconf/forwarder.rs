@@ -33,8 +33,13 @@ const PORT: u16 = 53;
 const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a TCP client may stay idle between queries.
 const TCP_IDLE: Duration = Duration::from_secs(10);
-/// At most this many TCP clients at once (each query over UDP is its own task).
+/// At most this many TCP clients at once.
 const MAX_TCP_CLIENTS: usize = 32;
+/// At most this many UDP queries in flight (each holds a task, an upstream
+/// socket and a buffer until answered or timed out); the rest are dropped
+/// and counted, as a busy nameserver drops them, so a local flood cannot
+/// take the client's file descriptors (which its reconnections need).
+const MAX_UDP_IN_FLIGHT: usize = 256;
 
 /// The loopback network the forwarders listen in.
 pub fn is_forwarder_address(ip: IpAddr) -> bool {
@@ -67,6 +72,8 @@ pub struct Counters {
     pub malformed: AtomicU64,
     /// Queries that came over TCP.
     pub tcp: AtomicU64,
+    /// UDP queries and TCP clients dropped: too many at once.
+    pub busy: AtomicU64,
 }
 
 impl std::fmt::Display for Counters {
@@ -74,12 +81,13 @@ impl std::fmt::Display for Counters {
         let n = |c: &AtomicU64| c.load(Ordering::Relaxed);
         write!(
             f,
-            "{} to the cluster, {} elsewhere, {} refused, {} unanswered, {} malformed; {} over TCP",
+            "{} to the cluster, {} elsewhere, {} refused, {} unanswered, {} malformed, {} dropped (too many at once); {} over TCP",
             n(&self.cluster),
             n(&self.elsewhere),
             n(&self.refused),
             n(&self.failed),
             n(&self.malformed),
+            n(&self.busy),
             n(&self.tcp)
         )
     }
@@ -201,6 +209,7 @@ impl Drop for Forwarder {
 }
 
 async fn serve_udp(socket: Arc<UdpSocket>, shared: Arc<Shared>) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_UDP_IN_FLIGHT));
     let mut buf = vec![0u8; 65535];
     loop {
         let (n, from) = match socket.recv_from(&mut buf).await {
@@ -211,9 +220,14 @@ async fn serve_udp(socket: Arc<UdpSocket>, shared: Arc<Shared>) {
                 continue;
             }
         };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            shared.counters.busy.fetch_add(1, Ordering::Relaxed);
+            continue;
+        };
         let packet = buf[..n].to_vec();
         let (socket, shared) = (socket.clone(), shared.clone());
         tokio::spawn(async move {
+            let _slot = slot;
             if let Some(reply) = answer(&shared, &packet, from.ip(), false).await {
                 let _ = socket.send_to(&reply, from).await;
             }
@@ -229,7 +243,9 @@ async fn serve_tcp(listener: TcpListener, shared: Arc<Shared>) {
             continue;
         };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
-            continue; // too many at once: this one is closed unanswered
+            // Too many at once: this one is closed unanswered.
+            shared.counters.busy.fetch_add(1, Ordering::Relaxed);
+            continue;
         };
         let shared = shared.clone();
         tokio::spawn(async move {
@@ -399,6 +415,87 @@ mod tests {
         let _ = std::fs::remove_dir_all(&root);
         let found: Vec<String> = found.iter().map(ToString::to_string).collect();
         assert_eq!(found, ["127.0.53.2", "192.168.1.1"]);
+    }
+
+    /// A DNS query for `name` (type A, recursion desired) with `id`.
+    fn query(id: u16, name: &str) -> Vec<u8> {
+        let mut q = id.to_be_bytes().to_vec();
+        q.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
+        for label in name.split('.') {
+            q.push(label.len() as u8);
+            q.extend_from_slice(label.as_bytes());
+        }
+        q.extend_from_slice(&[0, 0, 1, 0, 1]);
+        q
+    }
+
+    fn open_files() -> usize {
+        std::fs::read_dir("/proc/self/fd").unwrap().count()
+    }
+
+    /// A local flood of queries to a cluster DNS that never answers: the
+    /// forwarder's descriptors stay bounded, the excess is dropped and
+    /// counted, and it answers again once the flood is over.
+    #[tokio::test]
+    async fn a_query_flood_takes_a_bounded_number_of_sockets() {
+        let own: IpAddr = "127.0.53.250".parse().unwrap();
+        // The cluster's DNS: a socket that hears and never answers.
+        let silent = UdpSocket::bind("127.0.53.251:53")
+            .await
+            .expect("bind 127.0.53.251:53 (root)");
+        let root = std::env::temp_dir().join(format!("teletun-flood-{}", std::process::id()));
+        std::fs::create_dir_all(&root).unwrap();
+        let split = SplitDomains::from_search(&["svc.cluster.local".to_owned()], &[]);
+        let forwarder = Forwarder::start(own, vec!["127.0.53.251".parse().unwrap()], split, sources_under(&root))
+            .await
+            .unwrap();
+        let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let to = SocketAddr::new(own, PORT);
+        let before = open_files();
+        const FLOOD: u16 = 700;
+        for id in 0..FLOOD {
+            client
+                .send_to(&query(id, "web.default.svc.cluster.local"), to)
+                .await
+                .unwrap();
+            if id % 50 == 0 {
+                tokio::task::yield_now().await;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let during = open_files();
+        let busy = forwarder.counters().busy.load(Ordering::Relaxed);
+        assert!(
+            during < before + MAX_UDP_IN_FLIGHT + 50,
+            "{} descriptors opened for a flood of {FLOOD}",
+            during - before
+        );
+        assert!(busy >= u64::from(FLOOD) - MAX_UDP_IN_FLIGHT as u64, "{busy} dropped");
+        // After the upstream timeout the slots are free: a query is answered
+        // (SERVFAIL: the cluster's DNS never answers).
+        tokio::time::sleep(UPSTREAM_TIMEOUT + Duration::from_millis(500)).await;
+        let mut buf = [0u8; 512];
+        while tokio::time::timeout(Duration::from_millis(50), client.recv_from(&mut buf))
+            .await
+            .is_ok()
+        {}
+        client
+            .send_to(&query(9999, "web.default.svc.cluster.local"), to)
+            .await
+            .unwrap();
+        let got = tokio::time::timeout(UPSTREAM_TIMEOUT * 2, async {
+            loop {
+                let (n, _) = client.recv_from(&mut buf).await.unwrap();
+                if let Some(h) = dns::read_reply_header(&buf[..n]).filter(|h| h.id == 9999) {
+                    return h.code;
+                }
+            }
+        })
+        .await
+        .expect("an answer after the flood");
+        assert_eq!(got, ResponseCode::ServFail);
+        drop((forwarder, silent));
+        let _ = std::fs::remove_dir_all(&root);
     }
 
     #[test]
