@@ -30,6 +30,10 @@ pub enum HostileCommand {
         /// Datagrams per second.
         #[arg(long)]
         datagrams: u32,
+        /// Connect from a random address of this IPv6 prefix each time (it
+        /// must be routed locally here, non-local binds allowed).
+        #[arg(long)]
+        sources: Option<ipnet::Ipv6Net>,
     },
     /// Send `count` UDP datagrams carrying `token` from a forged `source`
     /// (raw IPv4 socket, header built here).
@@ -63,7 +67,8 @@ pub fn run(cmd: HostileCommand) -> Result<()> {
             data,
             connects,
             datagrams,
-        } => flood(control, data, connects, datagrams),
+            sources,
+        } => flood(control, data, connects, datagrams, sources),
         HostileCommand::ForgeUdp {
             source,
             dest,
@@ -97,7 +102,13 @@ const MAX_OPEN: usize = 20_000;
 /// How long an idle or replaying connection is held, at most.
 const HOLD: Duration = Duration::from_secs(10);
 
-fn flood(control: SocketAddr, data: SocketAddr, connects: u32, datagrams: u32) -> Result<()> {
+fn flood(
+    control: SocketAddr,
+    data: SocketAddr,
+    connects: u32,
+    datagrams: u32,
+    sources: Option<ipnet::Ipv6Net>,
+) -> Result<()> {
     raise_fd_limit();
     let counts = Arc::new(FloodCounts::default());
     let stop = Arc::new(AtomicBool::new(false));
@@ -108,7 +119,12 @@ fn flood(control: SocketAddr, data: SocketAddr, connects: u32, datagrams: u32) -
     };
     let hello = client_hello()?;
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    runtime.block_on(tcp_flood(control, connects, hello, counts.clone(), stop.clone()));
+    let flood = TcpFlood {
+        to: control,
+        per_second: connects,
+        sources,
+    };
+    runtime.block_on(flood.run(hello, counts.clone(), stop.clone()));
     udp.join()
         .map_err(|_| anyhow::anyhow!("the UDP flood thread panicked"))??;
     let c = &counts;
@@ -157,36 +173,68 @@ fn client_hello() -> Result<Vec<u8>> {
     Ok(hello)
 }
 
-async fn tcp_flood(to: SocketAddr, per_second: u32, hello: Vec<u8>, counts: Arc<FloodCounts>, stop: Arc<AtomicBool>) {
-    let hello: Arc<[u8]> = hello.into();
-    let open = Arc::new(tokio::sync::Semaphore::new(MAX_OPEN));
-    // Connects in 10 ms ticks, the remainder carried over.
-    let mut tick = tokio::time::interval(Duration::from_millis(10));
-    let start = Instant::now();
-    let mut sent: u64 = 0;
-    while !stop.load(Ordering::Relaxed) {
-        tick.tick().await;
-        let due = (start.elapsed().as_secs_f64() * f64::from(per_second)) as u64;
-        while sent < due {
-            sent += 1;
-            let Ok(permit) = open.clone().try_acquire_owned() else {
-                counts.skipped.fetch_add(1, Ordering::Relaxed);
-                continue;
-            };
-            counts.attempted.fetch_add(1, Ordering::Relaxed);
-            let (counts, hello) = (counts.clone(), hello.clone());
-            let replay = sent % 2 == 0;
-            tokio::spawn(async move {
-                one_connection(to, replay.then_some(&hello[..]), &counts).await;
-                drop(permit);
-            });
+/// Where the TCP flood goes, how fast, and from where.
+#[derive(Clone, Copy)]
+struct TcpFlood {
+    to: SocketAddr,
+    per_second: u32,
+    /// A prefix to take each connection's source address from, or the
+    /// namespace's own address.
+    sources: Option<ipnet::Ipv6Net>,
+}
+
+impl TcpFlood {
+    async fn run(self, hello: Vec<u8>, counts: Arc<FloodCounts>, stop: Arc<AtomicBool>) {
+        let Self {
+            to,
+            per_second,
+            sources,
+        } = self;
+        let hello: Arc<[u8]> = hello.into();
+        let open = Arc::new(tokio::sync::Semaphore::new(MAX_OPEN));
+        // Connects in 10 ms ticks, the remainder carried over.
+        let mut tick = tokio::time::interval(Duration::from_millis(10));
+        let start = Instant::now();
+        let mut sent: u64 = 0;
+        while !stop.load(Ordering::Relaxed) {
+            tick.tick().await;
+            let due = (start.elapsed().as_secs_f64() * f64::from(per_second)) as u64;
+            while sent < due {
+                sent += 1;
+                let Ok(permit) = open.clone().try_acquire_owned() else {
+                    counts.skipped.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                };
+                counts.attempted.fetch_add(1, Ordering::Relaxed);
+                let (counts, hello) = (counts.clone(), hello.clone());
+                let replay = sent % 2 == 0;
+                tokio::spawn(async move {
+                    one_connection(to, sources, replay.then_some(&hello[..]), &counts).await;
+                    drop(permit);
+                });
+            }
         }
     }
 }
 
-async fn one_connection(to: SocketAddr, hello: Option<&[u8]>, counts: &FloodCounts) {
+/// A random address of `prefix`.
+fn address_in(prefix: ipnet::Ipv6Net) -> std::net::Ipv6Addr {
+    let host = u128::MAX.checked_shr(u32::from(prefix.prefix_len())).unwrap_or(0);
+    std::net::Ipv6Addr::from((u128::from(prefix.network()) & !host) | (fastrand::u128(..) & host))
+}
+
+async fn connect_from(to: SocketAddr, sources: Option<ipnet::Ipv6Net>) -> std::io::Result<tokio::net::TcpStream> {
+    let Some(prefix) = sources else {
+        return tokio::net::TcpStream::connect(to).await;
+    };
+    let socket = tokio::net::TcpSocket::new_v6()?;
+    socket.bind(SocketAddr::from((address_in(prefix), 0)))?;
+    socket.connect(to).await
+}
+
+async fn one_connection(to: SocketAddr, sources: Option<ipnet::Ipv6Net>, hello: Option<&[u8]>, counts: &FloodCounts) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let connect = tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(to)).await;
+    let connect = tokio::time::timeout(Duration::from_secs(2), connect_from(to, sources)).await;
     let mut tcp = match connect {
         Ok(Ok(tcp)) => tcp,
         Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {

@@ -14,7 +14,10 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use crate::control::admission::{RateLimiter, Turnaways, HANDSHAKE_DEADLINE, MAX_HANDSHAKES};
+use crate::control::admission::{
+    Handshake, HandshakeFailures, Handshakes, RateLimiter, Turnaways, TurnedAway, FIRST_BYTES_DEADLINE,
+    HANDSHAKE_DEADLINE,
+};
 use crate::control::channel;
 use crate::control::tls::{self, KeyMismatch};
 use crate::io::offload::Capabilities;
@@ -54,8 +57,12 @@ struct Shared {
     /// TLS for clients, made once (a key load per connection would be work
     /// any stranger could make us do).
     tls: tokio_rustls::TlsAcceptor,
-    /// Unauthenticated TLS handshakes running now, at most [`MAX_HANDSHAKES`].
-    handshakes: Arc<tokio::sync::Semaphore>,
+    /// Unauthenticated TLS handshakes running now, within their caps.
+    handshakes: Handshakes,
+    /// Handshakes that failed, said about once a second.
+    failures: std::sync::Mutex<HandshakeFailures>,
+    /// The clock admission and its reports count time on.
+    clock: std::time::Instant,
     udp: Arc<Udp>,
     /// The client being served, if any.
     serving: ClientSlot,
@@ -163,7 +170,9 @@ pub async fn run(config: ServerExternalConfig) -> Result<()> {
     let shared = Arc::new(Shared {
         config,
         tls,
-        handshakes: Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES)),
+        handshakes: Handshakes::default(),
+        failures: std::sync::Mutex::default(),
+        clock: std::time::Instant::now(),
         udp,
         serving: ClientSlot::default(),
         cluster,
@@ -172,29 +181,28 @@ pub async fn run(config: ServerExternalConfig) -> Result<()> {
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
     let (mut limiter, mut turnaways) = (RateLimiter::default(), Turnaways::default());
-    let clock = std::time::Instant::now();
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((tcp, peer)) => {
                     // Strangers get little before they authenticate: a few
-                    // attempts a second per address, and a bounded number of
+                    // attempts a second per source, and a bounded number of
                     // handshakes at once; the rest are reset at once.
-                    let now = clock.elapsed();
+                    let now = shared.clock.elapsed();
                     let permit = if limiter.allow(peer.ip(), now) {
-                        shared.handshakes.clone().try_acquire_owned().map_err(|_| true)
+                        shared.handshakes.begin(peer.ip())
                     } else {
-                        Err(false)
+                        Err(TurnedAway::OverRate)
                     };
                     let permit = match permit {
                         Ok(p) => p,
-                        Err(over_cap) => {
+                        Err(why) => {
                             // A reset, not a close: no TIME_WAIT left behind
                             // per stranger (thousands a second in a flood),
                             // and no FIN exchange to finish.
                             let _ = socket2::SockRef::from(&tcp).set_linger(Some(Duration::ZERO));
                             drop(tcp);
-                            if let Some(line) = turnaways.note(over_cap, now) {
+                            if let Some(line) = turnaways.note(why, now) {
                                 warn!("{line}");
                             }
                             continue;
@@ -202,8 +210,19 @@ pub async fn run(config: ServerExternalConfig) -> Result<()> {
                     };
                     let shared = shared.clone();
                     tokio::spawn(async move {
-                        if let Err(e) = serve(shared, tcp, peer, permit).await {
-                            warn!("client {peer}: {e:#}");
+                        let failed = match serve(shared.clone(), tcp, peer, permit).await {
+                            Ok(()) => return,
+                            Err(Failed::BeforeAuthentication(e)) => e,
+                            Err(Failed::After(e)) => return warn!("client {peer}: {e:#}"),
+                        };
+                        let now = shared.clock.elapsed();
+                        let line = shared
+                            .failures
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner)
+                            .note(peer, &format!("{failed:#}"), now);
+                        if let Some(line) = line {
+                            warn!("{line}");
                         }
                     });
                 }
@@ -290,48 +309,84 @@ async fn refuse<S: tokio::io::AsyncWrite + Unpin>(stream: &mut S, why: &str) -> 
     Ok(())
 }
 
-async fn serve(
-    shared: Arc<Shared>,
-    tcp: TcpStream,
-    peer: SocketAddr,
-    handshake: tokio::sync::OwnedSemaphorePermit,
-) -> Result<()> {
-    channel::tune_tcp(&tcp)?;
-    let accepted = tokio::time::timeout(HANDSHAKE_DEADLINE, shared.tls.accept(tcp)).await;
+/// How a connection ended badly: before the client authenticated (said in
+/// aggregate: any stranger can make these), or after (said each time).
+enum Failed {
+    BeforeAuthentication(anyhow::Error),
+    After(anyhow::Error),
+}
+
+impl From<anyhow::Error> for Failed {
+    fn from(e: anyhow::Error) -> Self {
+        Failed::After(e)
+    }
+}
+
+async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr, handshake: Handshake) -> Result<(), Failed> {
+    let authenticated = authenticate(&shared, tcp).await;
     // Authenticated or not, this stranger's handshake is over.
     drop(handshake);
-    let mut control = match accepted {
-        Err(_) => return Err(anyhow!("TLS handshake timed out")),
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
-            return Err(match tls::key_mismatch(&e) {
-                Some(KeyMismatch::PeerKeyNotPinned) => anyhow!(
-                    "refused: the client's key is not the client public key {}",
-                    shared.config.client_key.path.display()
-                ),
-                Some(KeyMismatch::OurKeyRefused) => {
-                    anyhow!("the client refused our server key: it pins a different server public key")
-                }
-                None => anyhow!("TLS handshake failed: {e}"),
-            })
+    let mut control = authenticated.map_err(Failed::BeforeAuthentication)?;
+    shared.handshakes.authenticated(peer.ip());
+    serve_authenticated(&shared, &mut control, peer).await?;
+    Ok(())
+}
+
+/// TLS with the pinned client key, within the deadlines: first bytes within
+/// [`FIRST_BYTES_DEADLINE`] (a silent connect gives its place back soon),
+/// the whole handshake within [`HANDSHAKE_DEADLINE`].
+async fn authenticate(shared: &Shared, tcp: TcpStream) -> Result<tokio_rustls::server::TlsStream<TcpStream>> {
+    channel::tune_tcp(&tcp)?;
+    let started = tokio::time::Instant::now();
+    match tokio::time::timeout(FIRST_BYTES_DEADLINE, tcp.peek(&mut [0u8; 1])).await {
+        Err(_) => {
+            return Err(anyhow!(
+                "sent no ClientHello within {} s",
+                FIRST_BYTES_DEADLINE.as_secs()
+            ))
         }
-    };
-    // One client at a time.
+        Ok(Ok(0)) => return Err(anyhow!("closed the connection before its ClientHello")),
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => return Err(anyhow!("connection failed before its ClientHello: {e}")),
+    }
+    let accepted = tokio::time::timeout_at(started + HANDSHAKE_DEADLINE, shared.tls.accept(tcp)).await;
+    match accepted {
+        Err(_) => Err(anyhow!("TLS handshake timed out")),
+        Ok(Ok(s)) => Ok(s),
+        Ok(Err(e)) => Err(match tls::key_mismatch(&e) {
+            Some(KeyMismatch::PeerKeyNotPinned) => anyhow!(
+                "refused: the client's key is not the client public key {}",
+                shared.config.client_key.path.display()
+            ),
+            Some(KeyMismatch::OurKeyRefused) => {
+                anyhow!("the client refused our server key: it pins a different server public key")
+            }
+            None => anyhow!("TLS handshake failed: {e}"),
+        }),
+    }
+}
+
+/// Serves an authenticated client: one at a time.
+async fn serve_authenticated(
+    shared: &Arc<Shared>,
+    control: &mut tokio_rustls::server::TlsStream<TcpStream>,
+    peer: SocketAddr,
+) -> Result<()> {
     // A client that leaves while it waits stops waiting (it would otherwise
     // count as wanting the slot, and might get it).
     let claimed = tokio::select! {
         r = shared.serving.claim(peer, SLOT_GRACE) => r,
-        _ = channel::wait_closed(&mut control) => return Ok(()),
+        _ = channel::wait_closed(control) => return Ok(()),
     };
     if let Err(current) = claimed {
         info!("refusing {peer}: already serving {current}");
         return refuse(
-            &mut control,
+            control,
             &format!("{REFUSED_BUSY}this server already serves a client ({current}); it serves one client at a time"),
         )
         .await;
     }
-    let result = serve_session(&shared, &mut control, peer).await;
+    let result = serve_session(shared, control, peer).await;
     shared.serving.release();
     let _ = control.shutdown().await;
     result

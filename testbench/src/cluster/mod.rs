@@ -437,6 +437,15 @@ impl Cluster {
         self.api()?.set_client_role(without)
     }
 
+    /// Lets the router reach node1 over IPv6 from every address of
+    /// [`net::stranger_prefix`] (a stranger holding a whole /64); returns
+    /// node1's address and the prefix. Idempotent.
+    pub fn route_v6_prefix_from_router(&self) -> Result<(std::net::Ipv6Addr, ipnet::Ipv6Net)> {
+        let node = self.nodes.first().context("the cluster has no node")?;
+        net::wire_stranger_prefix(&self.router, node)?;
+        Ok((node.ip6(), net::stranger_prefix()))
+    }
+
     /// Impairs the underlay in the router from now on, replacing any earlier impairment.
     pub fn impair(&mut self, imp: &Impairment) -> Result<()> {
         let old = self

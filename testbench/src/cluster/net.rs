@@ -132,6 +132,40 @@ pub fn wire_home(laptop: &Netns, home: &Netns, lan: HomeLan, udp_timeout: Option
     Ok(())
 }
 
+/// The /64 a flood from an IPv6 prefix takes its source addresses from
+/// (documentation space).
+pub fn stranger_prefix() -> ipnet::Ipv6Net {
+    ipnet::Ipv6Net::new(Ipv6Addr::new(0x2001, 0xdb8, 0x77, 0, 0, 0, 0, 0), 64).expect("a valid prefix")
+}
+
+/// Gives the router an IPv6 address on the node bridge and every address of
+/// [`stranger_prefix`] (a local route, non-local binds allowed), and node `n`
+/// a route back to that prefix through it.
+pub fn wire_stranger_prefix(router: &Netns, n: &NodeNet) -> Result<()> {
+    let router_ip6 = n.plan.router_nodes_ip6();
+    let prefix = stranger_prefix().to_string();
+    // nodad: usable at once, not after duplicate address detection.
+    router.run(
+        "ip",
+        &[
+            "-6",
+            "addr",
+            "replace",
+            &format!("{router_ip6}/64"),
+            "dev",
+            "nodes",
+            "nodad",
+        ],
+    )?;
+    router.run("ip", &["-6", "route", "replace", "local", &prefix, "dev", "lo"])?;
+    router.sysctl("net.ipv6.ip_nonlocal_bind", "1")?;
+    n.ns.run(
+        "ip",
+        &["-6", "route", "replace", &prefix, "via", &router_ip6.to_string()],
+    )?;
+    Ok(())
+}
+
 /// Wires node `n`: underlay on the router's bridge, a bridge for its pods,
 /// forwarding, and routes to and from the pods of every node in `others`.
 /// The router never learns pod networks: the laptop reaches them only through

@@ -112,6 +112,12 @@ impl Plan {
         Ipv4Addr::new(203, 0, 113 + self.index, 1)
     }
 
+    /// The router's IPv6 address on the node bridge (given only to a flood
+    /// from an IPv6 prefix).
+    pub fn router_nodes_ip6(self) -> Ipv6Addr {
+        Ipv6Addr::new(0xfd00, 0x203 + u16::from(self.index), 0, 0, 0, 0, 0, 1)
+    }
+
     /// The network of the node bridge.
     pub fn nodes_net(self) -> IpNet {
         v4(self.router_nodes_ip(), 24).trunc()

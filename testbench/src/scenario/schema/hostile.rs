@@ -26,6 +26,10 @@ closed_set! {
         /// The laptop's home router: a host behind the laptop's NAT, with the
         /// same public address as the laptop.
         Home = "home",
+        /// The router, over IPv6 to the node, each connection from another
+        /// address of one /64 (2001:db8:77::/64): a stranger walking a
+        /// subscriber's whole prefix.
+        InternetV6Prefix = "internet-v6-prefix",
     }
 }
 

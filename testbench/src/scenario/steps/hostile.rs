@@ -41,12 +41,12 @@ pub fn start_flood(case: &mut Case, s: &StartFlood) -> Result<()> {
     if case.flood.is_some() {
         bail!("a flood is already running; stop-flood first");
     }
-    let node_ip = case.cluster().node_ip;
     let port = match s.aim {
         FloodAim::Server => SERVER_PORT,
         FloodAim::ClosedPort => CLOSED_PORT,
     };
-    let target = SocketAddr::from((node_ip, port));
+    let mut target = SocketAddr::from((case.cluster().node_ip, port));
+    let mut sources = None;
     let router = match s.from {
         FloodFrom::Internet => case.cluster().router.clone(),
         FloodFrom::Home => case
@@ -54,6 +54,12 @@ pub fn start_flood(case: &mut Case, s: &StartFlood) -> Result<()> {
             .home
             .clone()
             .context("a flood from home needs the laptop's home LAN ([topology] lan = true)")?,
+        FloodFrom::InternetV6Prefix => {
+            let (node_ip6, prefix) = case.cluster().route_v6_prefix_from_router()?;
+            target = SocketAddr::from((node_ip6, port));
+            sources = Some(prefix);
+            case.cluster().router.clone()
+        }
     };
     // Thousands of connects a second need the whole port range, and ports
     // in TIME_WAIT reused (the router's own namespace only).
@@ -71,13 +77,19 @@ pub fn start_flood(case: &mut Case, s: &StartFlood) -> Result<()> {
     ])
     .args(["--connects", &s.connects_per_second.to_string()])
     .args(["--datagrams", &s.datagrams_per_second.to_string()]);
+    if let Some(prefix) = sources {
+        cmd.args(["--sources", &prefix.to_string()]);
+    }
     let log = case.cluster().dir.join("flood.log");
     let generator = Background::spawn("flood", cmd, &log)?;
     let pid = case.cluster_mut().process_mut("server-external")?.child.id();
     // Turn-aways are counted for connections; datagrams alone are dropped quietly.
     let expect_turnaways = s.aim == FloodAim::Server && s.connects_per_second > 0;
     case.flood = Some(FloodRun::watch(generator, expect_turnaways, pid));
-    case.detail = Some(format!("at {target} from the {}", s.from));
+    case.detail = Some(match sources {
+        Some(prefix) => format!("at {target} from all over {prefix}"),
+        None => format!("at {target} from the {}", s.from),
+    });
     Ok(())
 }
 
