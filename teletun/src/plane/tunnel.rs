@@ -87,6 +87,32 @@ const RECEIVE_BUFFERS: usize = 8;
 /// Frames built per write batch (64 KiB each).
 const FRAME_BUFFERS: usize = 8;
 
+/// Says the peer's moves at most once a second, with how many there were:
+/// a peer whose NAT rebinds often, or someone replaying its records from
+/// other addresses, must not write a line per datagram.
+#[derive(Debug, Default)]
+struct MoveLog {
+    unsaid: u64,
+    last_said: Option<tunnel::Time>,
+}
+
+impl MoveLog {
+    fn note(&mut self, to: std::net::SocketAddr, now: tunnel::Time) -> Option<String> {
+        self.unsaid += 1;
+        if self
+            .last_said
+            .is_some_and(|t| now.saturating_sub(t) < std::time::Duration::from_secs(1))
+        {
+            return None;
+        }
+        self.last_said = Some(now);
+        Some(match std::mem::take(&mut self.unsaid) {
+            1 => format!("the peer moved to {to}"),
+            n => format!("the peer moved {n} times since the last report; now at {to}"),
+        })
+    }
+}
+
 /// `half`: the session's receiving half, and what it learns of the path.
 pub(super) fn run_inbound<K: FrameSink>(
     udp: &Udp,
@@ -104,6 +130,7 @@ pub(super) fn run_inbound<K: FrameSink>(
     let mut coalescer = Coalescer::new(sink.capabilities());
     let mut dest = peer.reader();
     let (mut inbound, path) = half;
+    let mut moves = MoveLog::default();
     loop {
         match sys::wait_or_stop(udp.fd(), stop, None)? {
             Wake::Stop => return Ok(()),
@@ -127,7 +154,9 @@ pub(super) fn run_inbound<K: FrameSink>(
             }
             if let Some(moved) = opened.peer_moved {
                 peer.set(moved);
-                tracing::info!("the peer moved to {moved}");
+                if let Some(line) = moves.note(moved, now) {
+                    tracing::info!("{line}");
+                }
             }
             if !reply.is_empty() {
                 udp.send(&reply, dest.get())?;
@@ -238,5 +267,34 @@ impl<S: FrameSource> PacketSource for FrameSplitter<S> {
 
     fn dropped(&mut self) -> u64 {
         std::mem::take(&mut self.malformed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::MoveLog;
+    use std::time::Duration;
+
+    #[test]
+    fn moves_are_said_once_a_second_with_their_count() {
+        let mut log = MoveLog::default();
+        let (a, b) = ("192.0.2.1:4000".parse().unwrap(), "192.0.2.2:4000".parse().unwrap());
+        let t0 = Duration::from_secs(10);
+        assert_eq!(log.note(a, t0).as_deref(), Some("the peer moved to 192.0.2.1:4000"));
+        for k in 0..1000 {
+            assert_eq!(
+                log.note(if k % 2 == 0 { b } else { a }, t0 + Duration::from_micros(k)),
+                None
+            );
+        }
+        let next = log.note(b, t0 + Duration::from_secs(1)).unwrap();
+        assert_eq!(
+            next,
+            "the peer moved 1001 times since the last report; now at 192.0.2.2:4000"
+        );
+        assert_eq!(
+            log.note(a, t0 + Duration::from_secs(3)).as_deref(),
+            Some("the peer moved to 192.0.2.1:4000")
+        );
     }
 }
