@@ -8,7 +8,7 @@
 //! client's address and port) before it does any other work, statelessly
 //! ([`hello`]).
 
-mod hello;
+pub mod hello;
 pub mod record;
 
 use std::io::{self, Read, Write};
