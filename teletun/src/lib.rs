@@ -10,6 +10,7 @@
 //! - [`netconf`]: addresses, routes, DNS registration, and the record of changes.
 //! - [`kube`]: finding server-external and the cluster's networks through the API.
 //! - [`roles`]: `client`, `server-external`, `server-cluster`, `cleanup`, `keygen`.
+//! - [`throttle`]: log lines a stranger could make us write by the thousand, said once a second.
 
 pub mod cli;
 pub mod control;
@@ -22,4 +23,5 @@ pub mod plane;
 pub mod proto;
 pub mod roles;
 pub mod status;
+pub mod throttle;
 pub mod tunnel;

@@ -14,6 +14,8 @@ use std::time::Duration;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use crate::throttle::OncePerSecond;
+
 /// At most this many TLS handshakes run at once; further connections are
 /// reset at once (a handshake costs a signature, an accept nearly nothing).
 pub const MAX_HANDSHAKES: usize = 256;
@@ -182,24 +184,6 @@ impl Handshakes {
     /// Handshakes running now.
     pub fn running(&self) -> usize {
         MAX_HANDSHAKES - self.open.available_permits() - self.reserved.available_permits()
-    }
-}
-
-/// Says something at most once a second.
-#[derive(Debug, Default)]
-struct OncePerSecond {
-    last_said: Option<Duration>,
-}
-
-impl OncePerSecond {
-    fn due(&mut self, now: Duration) -> bool {
-        let due = self
-            .last_said
-            .is_none_or(|t| now.saturating_sub(t) >= Duration::from_secs(1));
-        if due {
-            self.last_said = Some(now);
-        }
-        due
     }
 }
 

@@ -9,6 +9,7 @@ use crate::io::sys::{self, StopSignal, Wake};
 use crate::io::udp::{PeerAddress, Udp};
 use crate::io::{FrameSink, FrameSource, PacketSource};
 use crate::proto::packet;
+use crate::throttle::OncePerSecond;
 use crate::tunnel::pmtu::{self, PathState};
 use crate::tunnel::{self, Inbound, Outbound};
 
@@ -93,19 +94,15 @@ const FRAME_BUFFERS: usize = 8;
 #[derive(Debug, Default)]
 struct MoveLog {
     unsaid: u64,
-    last_said: Option<tunnel::Time>,
+    said: OncePerSecond,
 }
 
 impl MoveLog {
     fn note(&mut self, to: std::net::SocketAddr, now: tunnel::Time) -> Option<String> {
         self.unsaid += 1;
-        if self
-            .last_said
-            .is_some_and(|t| now.saturating_sub(t) < std::time::Duration::from_secs(1))
-        {
+        if !self.said.due(now) {
             return None;
         }
-        self.last_said = Some(now);
         Some(match std::mem::take(&mut self.unsaid) {
             1 => format!("the peer moved to {to}"),
             n => format!("the peer moved {n} times since the last report; now at {to}"),
