@@ -148,12 +148,19 @@ impl SeqPacket {
         self.sock.as_raw_fd()
     }
 
-    /// Whether the peer has closed its end (checked without consuming data).
+    /// Whether the peer has closed its end, checked without consuming data:
+    /// the hang-up is seen even while messages it sent before leaving are
+    /// still queued (a frame that came after the last session ended; a
+    /// peek would see that frame and never the end).
     pub fn peer_closed(&self) -> bool {
-        let mut b = [0u8; 1];
-        // SAFETY: peek one byte into a live buffer.
-        let r = unsafe { libc::recv(self.fd(), b.as_mut_ptr().cast(), 1, libc::MSG_PEEK | libc::MSG_DONTWAIT) };
-        r == 0
+        let mut p = libc::pollfd {
+            fd: self.fd(),
+            events: libc::POLLRDHUP,
+            revents: 0,
+        };
+        // SAFETY: polls one live pollfd, without waiting.
+        let r = unsafe { libc::poll(&mut p, 1, 0) };
+        r > 0 && p.revents & (libc::POLLRDHUP | libc::POLLHUP) != 0
     }
 }
 
@@ -214,6 +221,27 @@ mod tests {
         // SAFETY: geteuid has no preconditions.
         assert_eq!(uid, unsafe { libc::geteuid() });
         assert_eq!(pid, std::process::id() as i32);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A peer that sent a message and left is seen gone while the message
+    /// is still queued (server-external must notice server-cluster's restart
+    /// even with a late frame unread).
+    #[test]
+    fn a_departure_is_seen_behind_a_queued_message() {
+        let dir = std::env::temp_dir().join(format!("teletun-seqpacket-gone-{}", std::process::id()));
+        let path = dir.join("link.sock");
+        let listener = listen(&path).unwrap();
+        let ours = SeqPacket::connect(&path).unwrap();
+        let (theirs, _) = listener.accept().unwrap();
+        let theirs = SeqPacket::new(theirs).unwrap();
+        assert!(!ours.peer_closed());
+        theirs.send_message(b"a late frame", Duration::from_secs(1)).unwrap();
+        assert!(!ours.peer_closed(), "a message is not a departure");
+        drop(theirs);
+        assert!(ours.peer_closed(), "gone, with its message still queued");
+        let mut buf = [0u8; 64];
+        assert_eq!(ours.recv_message(&mut buf, Duration::from_secs(1)).unwrap(), 12);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
