@@ -85,14 +85,16 @@ def main():
     write("dtls_records", "ours", b"\x01\x07" + udp4(b"payload"))
     write("dtls_records", "ours-changed", b"\x03\x07" + udp4(b"payload"))
     # dtls_hello: ClientHellos as a client sends them, first without a cookie, then with.
-    def client_hello(record_seq, message_seq, cookie):
+    def client_hello(record_seq, message_seq, cookie, extensions=b"\x00\x17\x00\x00"):
         body = b"\xfe\xfd" + bytes(range(32)) + b"\x00" + bytes([len(cookie)]) + cookie
-        body += b"\x00\x04\xc0\x2b\xc0\x2f\x01\x00" + b"\x00\x04\x00\x17\x00\x00"
+        body += b"\x00\x04\xc0\x2b\xc0\x2f\x01\x00" + struct.pack("!H", len(extensions)) + extensions
         h = b"\x01" + struct.pack("!I", len(body))[1:] + struct.pack("!H", message_seq) + b"\x00\x00\x00" + struct.pack("!I", len(body))[1:] + body
         return bytes([22, 0xFE, 0xFD, 0, 0]) + struct.pack("!Q", record_seq)[2:] + struct.pack("!H", len(h)) + h
     write("dtls_hello", "first", client_hello(0, 0, b""))
     write("dtls_hello", "with-cookie", client_hello(1, 1, bytes(range(20))))
     write("dtls_hello", "retransmitted", client_hello(7, 1, b"\x55" * 32))
+    # Our client's: the proof (type 0xff74, 16 bytes) as the last extension.
+    write("dtls_hello", "with-proof", client_hello(1, 1, bytes(range(20)), b"\x00\x17\x00\x00\xff\x74\x00\x10" + bytes(range(16))))
     # gro_coalesce: capabilities, then length-prefixed packets.
     flow = b"".join(struct.pack("!H", len(p)) + p for p in (tcp4(1000 + 500 * i, b"z" * 500, ident=1 + i) for i in range(4)))
     write("gro_coalesce", "tcp-burst", b"\x03" + flow)

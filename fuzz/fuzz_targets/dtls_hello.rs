@@ -3,7 +3,9 @@
 //! a hello it accepts, rewritten as the first ClientHello for OpenSSL, must
 //! be what a cookie-less client would have sent: the same record type,
 //! version and epoch 0, the record before, message_seq 0, an empty cookie,
-//! and every other byte of the message as it came.
+//! and every other byte of the message as it came. A proof added to a hello
+//! and removed again gives back the very bytes (both handshake transcripts
+//! are the hello OpenSSL made), and a proof found is the last extension's.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -17,8 +19,39 @@ fn be(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0, |n, &b| (n << 8) | u64::from(b))
 }
 
+/// Adding and removing a proof are each other's inverse, byte for byte.
+fn proofs_round_trip(h: &hello::ClientHello<'_>, data: &[u8]) {
+    let mut out = Vec::new();
+    match h.proof() {
+        Some(proof) => {
+            let proof: [u8; hello::PROOF_LEN] = proof.try_into().expect("a proof is PROOF_LEN bytes");
+            assert_eq!(data[data.len() - hello::PROOF_LEN..], proof, "the last bytes");
+            h.without_proof(&mut out).expect("a proof found can be removed");
+            assert_eq!(out.len(), data.len() - 4 - hello::PROOF_LEN);
+            let plain = hello::parse(&out).expect("without its proof still a ClientHello");
+            assert_eq!(plain.cookie(), h.cookie());
+            let mut again = Vec::new();
+            if plain.with_proof(&proof, &mut again).is_some() {
+                assert_eq!(again, data, "the proof added back gives the hello as it came");
+            }
+        }
+        None => {
+            assert_eq!(h.without_proof(&mut out), None);
+            if h.with_proof(&[0x5a; hello::PROOF_LEN], &mut out).is_some() {
+                let proven = hello::parse(&out).expect("with a proof still a ClientHello");
+                assert_eq!(proven.proof(), Some(&[0x5a; hello::PROOF_LEN][..]));
+                assert_eq!(proven.cookie(), h.cookie());
+                let mut plain = Vec::new();
+                proven.without_proof(&mut plain).expect("the proof added can be removed");
+                assert_eq!(plain, data, "removing the proof gives the hello as it came");
+            }
+        }
+    }
+}
+
 fuzz_target!(|data: &[u8]| {
     let Some(h) = hello::parse(data) else { return };
+    proofs_round_trip(&h, data);
     let mut first = Vec::new();
     if h.first(&mut first).is_none() {
         // Only a hello in the very first record has none before it.

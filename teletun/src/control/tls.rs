@@ -11,9 +11,23 @@ use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, Error, SignatureScheme};
 
 use crate::keys::{Identity, PinnedKey};
+use crate::tunnel::ChannelBinding;
 
 /// The server name the client asks for. Nothing checks it: the pin is the identity.
 pub const SERVER_NAME: &str = "teletun";
+
+/// The exporter label of the data plane's channel binding.
+const BINDING_LABEL: &[u8] = b"EXPORTER-teletun-data-plane-binding";
+
+/// The channel binding of an established control connection: keying
+/// material exported from its TLS session (RFC 8446 §7.5), the same on both
+/// ends and known to nobody else.
+pub fn channel_binding<D>(conn: &rustls::ConnectionCommon<D>) -> Result<ChannelBinding> {
+    let secret = conn
+        .export_keying_material([0u8; 32], BINDING_LABEL, None)
+        .context("cannot export keying material from the control connection")?;
+    Ok(ChannelBinding(secret))
+}
 
 #[derive(Debug)]
 struct Pinned {

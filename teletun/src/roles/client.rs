@@ -29,7 +29,7 @@ use crate::proto::control::{Hello, ServerGreeting};
 use crate::proto::dns::SplitDomains;
 use crate::proto::resolv_conf::{self, ResolvConf};
 use crate::status::{self, Board, State, StatusServer};
-use crate::tunnel::{Session, Transport, TunnelError};
+use crate::tunnel::{ChannelBinding, Session, Transport, TunnelError};
 
 use super::cleanup;
 use super::guard::Guard;
@@ -298,6 +298,8 @@ struct Control {
     server: SocketAddr,
     stream: tokio_rustls::client::TlsStream<TcpStream>,
     hello: Hello,
+    /// What the data-plane handshake proves it belongs to this connection with.
+    binding: ChannelBinding,
 }
 
 impl Control {
@@ -340,7 +342,15 @@ async fn connect_control(
             Err(e) => e.into(),
         })?;
     match greeting {
-        ServerGreeting::Hello(hello) => Ok(Control { server, stream, hello }),
+        ServerGreeting::Hello(hello) => {
+            let binding = tls::channel_binding(stream.get_ref().1)?;
+            Ok(Control {
+                server,
+                stream,
+                hello,
+                binding,
+            })
+        }
         ServerGreeting::Refused(why) => {
             let error = anyhow!("the server at {server} refused the session: {why}");
             Err(Failure {
@@ -372,7 +382,8 @@ struct DataLink {
     tunnel_mtu: usize,
 }
 
-async fn data_handshake(config: &ClientConfig, server: SocketAddr) -> Result<DataLink, Failure> {
+async fn data_handshake(config: &ClientConfig, control: &Control) -> Result<DataLink, Failure> {
+    let server = control.server;
     let any = if server.is_ipv6() {
         IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED)
     } else {
@@ -387,6 +398,7 @@ async fn data_handshake(config: &ClientConfig, server: SocketAddr) -> Result<Dat
         &config.identity,
         config.server_key.clone(),
         payload,
+        control.binding.clone(),
     )?;
     let udp = Arc::new(udp);
     let shaking = udp.clone();
@@ -619,7 +631,7 @@ async fn first_connection(
         return Err(e);
     }
     // The data plane's handshake, before touching this machine's configuration.
-    let link = data_handshake(config, config.server).await.map_err(|f| f.error)?;
+    let link = data_handshake(config, &control).await.map_err(|f| f.error)?;
 
     // The TUN device, its addresses, routes and DNS.
     let tun = Arc::new(Tun::create(
@@ -1018,7 +1030,7 @@ async fn attempt_once(
     }
     // The keys were checked on the control connection a moment ago: a key
     // refusal now is someone on the path, not a lasting answer.
-    let link = data_handshake(config, *server)
+    let link = data_handshake(config, &control)
         .await
         .map_err(|f| Failure { lasting: false, ..f })?;
     Ok((control, link))

@@ -423,6 +423,7 @@ async fn serve_session(
         config.client_key.clone(),
         config.path_mtu,
         peer.ip(),
+        tls::channel_binding(control.get_ref().1)?,
     )?;
     // A client that leaves during the handshake frees the slot at once.
     let stop = Arc::new(StopSignal::new()?);

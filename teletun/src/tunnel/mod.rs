@@ -46,9 +46,10 @@ impl Transport {
         identity: &Identity,
         pin: PinnedKey,
         mtu: usize,
+        binding: ChannelBinding,
     ) -> anyhow::Result<Box<dyn Handshake>> {
         match self {
-            Transport::Dtls => Ok(Box::new(dtls::DtlsHandshake::client(now, identity, pin, mtu)?)),
+            Transport::Dtls => Ok(Box::new(dtls::DtlsHandshake::client(now, identity, pin, mtu, binding)?)),
         }
     }
 
@@ -60,10 +61,26 @@ impl Transport {
         pin: PinnedKey,
         mtu: usize,
         peer: IpAddr,
+        binding: ChannelBinding,
     ) -> anyhow::Result<Box<dyn Handshake>> {
         match self {
-            Transport::Dtls => Ok(Box::new(dtls::DtlsHandshake::server(now, identity, pin, mtu, peer)?)),
+            Transport::Dtls => Ok(Box::new(dtls::DtlsHandshake::server(
+                now, identity, pin, mtu, peer, binding,
+            )?)),
         }
+    }
+}
+
+/// A secret both ends of one authenticated control connection hold and
+/// nobody else does (exported from its TLS session, RFC 8446 §7.5). The
+/// data-plane handshake proves with it that it belongs to that session, so
+/// a host sharing the client's address cannot take the client's place.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ChannelBinding(pub [u8; 32]);
+
+impl std::fmt::Debug for ChannelBinding {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ChannelBinding(…)")
     }
 }
 

@@ -1,7 +1,9 @@
 //! The flood generator of `testbench agent flood`: TCP connects (half held
 //! idle, half replaying a real TLS ClientHello), optionally each from another
-//! address of an IPv6 prefix, and UDP datagrams (half DTLS-ClientHello-shaped,
-//! half junk), until SIGTERM; then one JSON line of what happened.
+//! address of an IPv6 prefix, UDP datagrams (half DTLS-ClientHello-shaped,
+//! half junk) and real DTLS clients that return the server's cookie and go
+//! silent ([`super::squatter`]), until SIGTERM; then one JSON line of what
+//! happened.
 
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -9,6 +11,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
+
+use super::squatter::{self, SquatterCounts};
 
 /// What the flood did, by outcome.
 #[derive(Default)]
@@ -29,20 +33,39 @@ const MAX_OPEN: usize = 20_000;
 /// How long an idle or replaying connection is held, at most.
 const HOLD: Duration = Duration::from_secs(10);
 
+/// How much of each the flood sends, per second.
+pub(super) struct Rates {
+    pub connects: u32,
+    pub datagrams: u32,
+    pub dtls_clients: u32,
+}
+
 pub(super) fn flood(
     control: SocketAddr,
     data: SocketAddr,
-    connects: u32,
-    datagrams: u32,
+    rates: Rates,
     sources: Option<ipnet::Ipv6Net>,
 ) -> Result<()> {
     raise_fd_limit();
+    let Rates {
+        connects,
+        datagrams,
+        dtls_clients,
+    } = rates;
     let counts = Arc::new(FloodCounts::default());
+    let squatters = Arc::new(SquatterCounts::default());
     let stop = Arc::new(AtomicBool::new(false));
     signal_hook::flag::register(libc::SIGTERM, stop.clone())?;
     let udp = {
         let (counts, stop) = (counts.clone(), stop.clone());
         std::thread::spawn(move || udp_flood(data, datagrams, &counts, &stop))
+    };
+    let squatting = {
+        let (counts, stop) = (squatters.clone(), stop.clone());
+        std::thread::spawn(move || match dtls_clients {
+            0 => Ok(()),
+            n => squatter::run(data, n, &counts, &stop),
+        })
     };
     let hello = client_hello()?;
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
@@ -54,6 +77,9 @@ pub(super) fn flood(
     runtime.block_on(flood.run(hello, counts.clone(), stop.clone()));
     udp.join()
         .map_err(|_| anyhow::anyhow!("the UDP flood thread panicked"))??;
+    squatting
+        .join()
+        .map_err(|_| anyhow::anyhow!("the DTLS client thread panicked"))??;
     let c = &counts;
     let n = |a: &AtomicU64| a.load(Ordering::Relaxed);
     println!(
@@ -66,6 +92,8 @@ pub(super) fn flood(
             "closed_by_server": n(&c.closed_by_server),
             "skipped": n(&c.skipped),
             "datagrams": n(&c.datagrams),
+            "dtls_clients": n(&squatters.started),
+            "dtls_cookies_returned": n(&squatters.returned_cookie),
         })
     );
     Ok(())

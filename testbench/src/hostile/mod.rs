@@ -13,6 +13,7 @@ use anyhow::{bail, Context, Result};
 use clap::Subcommand;
 
 mod flood;
+mod squatter;
 
 /// The hostile agent commands.
 #[derive(Debug, Subcommand)]
@@ -36,6 +37,10 @@ pub enum HostileCommand {
         /// must be routed locally here, non-local binds allowed).
         #[arg(long)]
         sources: Option<ipnet::Ipv6Net>,
+        /// Real DTLS clients per second at `data`, each from a port of its
+        /// own, that return the server's cookie and go silent.
+        #[arg(long, default_value_t = 0)]
+        dtls_clients: u32,
     },
     /// Send `count` UDP datagrams carrying `token` from a forged `source`
     /// (raw IPv4 socket, header built here).
@@ -70,7 +75,17 @@ pub fn run(cmd: HostileCommand) -> Result<()> {
             connects,
             datagrams,
             sources,
-        } => flood::flood(control, data, connects, datagrams, sources),
+            dtls_clients,
+        } => flood::flood(
+            control,
+            data,
+            flood::Rates {
+                connects,
+                datagrams,
+                dtls_clients,
+            },
+            sources,
+        ),
         HostileCommand::ForgeUdp {
             source,
             dest,

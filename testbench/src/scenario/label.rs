@@ -94,8 +94,15 @@ impl Step {
             Step::StopServer(s) => format!("stop {} with {}", s.role, s.signal),
             Step::ClientExits(s) => format!("client {} exits with {:?}", s.name, s.expect_error),
             Step::StartFlood(s) => format!(
-                "flood from the {} at the {}: {} connects/s, {} datagrams/s",
-                s.from, s.aim, s.connects_per_second, s.datagrams_per_second
+                "flood from the {} at the {}: {} connects/s, {} datagrams/s{}",
+                s.from,
+                s.aim,
+                s.connects_per_second,
+                s.datagrams_per_second,
+                match s.dtls_clients_per_second {
+                    0 => String::new(),
+                    n => format!(", {n} DTLS clients/s returning their cookies"),
+                }
             ),
             Step::StopFlood(_) => "stop the flood; server-external lived through it".into(),
             Step::Throughput(s) => format!("throughput {} ({} s)", s.name, s.seconds),

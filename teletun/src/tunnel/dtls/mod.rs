@@ -32,7 +32,7 @@ use openssl::x509::X509VerifyResult;
 use self::record::{content, Dropped, Opener, Record, Sealer, SessionKeys, Suite, OVERHEAD, PREFIX_LEN, TAG_LEN};
 use super::liveness::{Due, Liveness};
 use super::pmtu::{self, PathState, Prober};
-use super::{Decapsulated, Encapsulated, Handshake, Inbound, Outbound, Session, Time, TunnelError};
+use super::{ChannelBinding, Decapsulated, Encapsulated, Handshake, Inbound, Outbound, Session, Time, TunnelError};
 use crate::io::batch::{PacketBatch, PacketRef, PacketRefs};
 use crate::keys::{Identity, PinnedKey};
 
@@ -122,8 +122,9 @@ pub enum Role {
     Server,
 }
 
-/// HelloVerifyRequests kept between two sends (a sprayer gets no more).
-const MAX_VERIFY_REQUESTS: usize = 16;
+/// Datagrams for others than the bound client (HelloVerifyRequests, a
+/// refused stranger's alert) kept between two sends: a sprayer gets no more.
+const MAX_ADDRESSED: usize = 16;
 
 /// Per-handshake secret for DTLS cookies: HMAC(secret, peer address and port).
 struct CookieSecret([u8; 32]);
@@ -136,6 +137,18 @@ fn cookie_for(secret: &CookieSecret, peer: &[u8], out: &mut [u8]) -> Result<usiz
     let n = mac.len().min(out.len());
     out[..n].copy_from_slice(&mac[..n]);
     Ok(n)
+}
+
+/// What a client proves with its cookie: that it holds the control
+/// channel's binding. A MAC over the cookie (so over its address and port),
+/// truncated to [`hello::PROOF_LEN`].
+fn proof_for(binding: &ChannelBinding, cookie: &[u8]) -> Option<[u8; hello::PROOF_LEN]> {
+    let key = PKey::hmac(&binding.0).ok()?;
+    let mut signer = Signer::new(MessageDigest::sha256(), &key).ok()?;
+    signer.update(b"teletun dtls hello proof").ok()?;
+    signer.update(cookie).ok()?;
+    let mac = signer.sign_to_vec().ok()?;
+    mac.get(..hello::PROOF_LEN)?.try_into().ok()
 }
 
 /// What a server's cookies are made from: the client's address and port.
@@ -219,6 +232,46 @@ unsafe extern "C" fn retransmit_timer(_ssl: *mut openssl_sys::SSL, previous_us: 
     }
 }
 
+/// A fresh OpenSSL state for one handshake: pinned-key verification, the
+/// path's MTU, our retransmission timer.
+fn open_stream(
+    ctx: &SslContext,
+    role: Role,
+    pin: PinnedKey,
+    flag: Arc<AtomicBool>,
+    mtu: usize,
+) -> Result<SslStream<DatagramQueue>> {
+    let mut ssl = Ssl::new(ctx)?;
+    ssl.set_verify_callback(
+        SslVerifyMode::PEER | SslVerifyMode::FAIL_IF_NO_PEER_CERT,
+        move |_, store| {
+            // Self-signed on purpose: ignore the chain verdict and check the pin.
+            let ok = store.error_depth() != 0
+                || store
+                    .current_cert()
+                    .and_then(|c| c.to_der().ok())
+                    .is_some_and(|der| pin.matches_cert_der(&der));
+            if ok {
+                store.set_error(X509VerifyResult::OK);
+            } else {
+                // X509_V_ERR_CERT_REJECTED: the peer gets a bad_certificate alert.
+                // SAFETY: 28 is X509_V_ERR_CERT_REJECTED, a valid verify result code.
+                store.set_error(unsafe { X509VerifyResult::from_raw(28) });
+                flag.store(true, Ordering::Relaxed);
+            }
+            ok
+        },
+    );
+    ssl.set_mtu(mtu as u32)?;
+    // SAFETY: the SSL object is live; the callback is a plain function.
+    unsafe { DTLS_set_timer_cb(ssl.as_ptr(), Some(retransmit_timer)) };
+    match role {
+        Role::Client => ssl.set_connect_state(),
+        Role::Server => ssl.set_accept_state(),
+    }
+    Ok(SslStream::new(ssl, DatagramQueue::new())?)
+}
+
 /// A DTLS handshake in progress, client or server side.
 pub struct DtlsHandshake {
     /// OpenSSL's state; it moves into the inbound half once established.
@@ -235,10 +288,20 @@ pub struct DtlsHandshake {
     /// Server: the client's address, fixed by the ClientHello that returned
     /// its cookie.
     bound: Option<SocketAddr>,
+    /// Server: whether that ClientHello carried a valid proof (then no other
+    /// address without one can take its place).
+    proven: bool,
+    /// The control channel's binding: the client proves with it, the server checks.
+    binding: ChannelBinding,
+    /// What a fresh OpenSSL state is made from (a server restarts when a
+    /// proven client displaces an unproven one).
+    ctx: SslContext,
+    pin: PinnedKey,
     /// Server: the cookie secret and the address cookies are checked for.
     cookies: Option<Arc<Cookies>>,
-    /// Server: HelloVerifyRequests to send, each to where its ClientHello came from.
-    verify_requests: Vec<(SocketAddr, Vec<u8>)>,
+    /// Server: datagrams each for its own address (HelloVerifyRequests to
+    /// where their ClientHellos came from, a refused stranger's alert).
+    addressed: Vec<(SocketAddr, Vec<u8>)>,
     deadline: Time,
     /// The latest time we were told.
     last_seen: Time,
@@ -251,16 +314,26 @@ pub struct DtlsHandshake {
 impl DtlsHandshake {
     /// Starts a client handshake; its ClientHello is ready at once in
     /// [`Handshake::poll_transmit`]. `mtu` is the largest UDP payload the path carries.
-    pub fn client(now: Time, identity: &Identity, pin: PinnedKey, mtu: usize) -> Result<Self> {
-        let mut hs = Self::new(now, Role::Client, identity, pin, mtu, None)?;
+    /// Its ClientHello that returns the server's cookie carries a proof made
+    /// with `binding`.
+    pub fn client(now: Time, identity: &Identity, pin: PinnedKey, mtu: usize, binding: ChannelBinding) -> Result<Self> {
+        let mut hs = Self::new(now, Role::Client, identity, pin, mtu, None, binding)?;
         hs.advance(now);
         Ok(hs)
     }
 
     /// Waits for a client at `peer`'s IP (its UDP port is not known yet: the
-    /// ClientHello that returns its cookie binds it).
-    pub fn server(now: Time, identity: &Identity, pin: PinnedKey, mtu: usize, peer: IpAddr) -> Result<Self> {
-        Self::new(now, Role::Server, identity, pin, mtu, Some(peer))
+    /// ClientHello that returns its cookie binds it, and one that also
+    /// carries a proof made with `binding` wins over any that does not).
+    pub fn server(
+        now: Time,
+        identity: &Identity,
+        pin: PinnedKey,
+        mtu: usize,
+        peer: IpAddr,
+        binding: ChannelBinding,
+    ) -> Result<Self> {
+        Self::new(now, Role::Server, identity, pin, mtu, Some(peer), binding)
     }
 
     fn new(
@@ -270,54 +343,29 @@ impl DtlsHandshake {
         pin: PinnedKey,
         mtu: usize,
         expected_ip: Option<IpAddr>,
+        binding: ChannelBinding,
     ) -> Result<Self> {
         let cookies = match role {
             Role::Server => Some(Arc::new(Cookies::new()?)),
             Role::Client => None,
         };
         let ctx = context(role, identity, cookies.clone()).context("cannot set up DTLS")?;
-        let mut ssl = Ssl::new(&ctx)?;
         let peer_rejected = Arc::new(AtomicBool::new(false));
-        let pin_path = pin.path.clone();
-        let flag = peer_rejected.clone();
-        ssl.set_verify_callback(
-            SslVerifyMode::PEER | SslVerifyMode::FAIL_IF_NO_PEER_CERT,
-            move |_, store| {
-                // Self-signed on purpose: ignore the chain verdict and check the pin.
-                let ok = store.error_depth() != 0
-                    || store
-                        .current_cert()
-                        .and_then(|c| c.to_der().ok())
-                        .is_some_and(|der| pin.matches_cert_der(&der));
-                if ok {
-                    store.set_error(X509VerifyResult::OK);
-                } else {
-                    // X509_V_ERR_CERT_REJECTED: the peer gets a bad_certificate alert.
-                    // SAFETY: 28 is X509_V_ERR_CERT_REJECTED, a valid verify result code.
-                    store.set_error(unsafe { X509VerifyResult::from_raw(28) });
-                    flag.store(true, Ordering::Relaxed);
-                }
-                ok
-            },
-        );
-        ssl.set_mtu(mtu as u32)?;
-        // SAFETY: the SSL object is live; the callback is a plain function.
-        unsafe { DTLS_set_timer_cb(ssl.as_ptr(), Some(retransmit_timer)) };
-        match role {
-            Role::Client => ssl.set_connect_state(),
-            Role::Server => ssl.set_accept_state(),
-        }
         Ok(DtlsHandshake {
-            stream: Some(SslStream::new(ssl, DatagramQueue::new())?),
+            stream: Some(open_stream(&ctx, role, pin.clone(), peer_rejected.clone(), mtu)?),
             pending: PacketBatch::with_capacity(16, HANDSHAKE_DATAGRAM),
             role,
             peer_rejected,
-            pin_path,
+            pin_path: pin.path.clone(),
             mtu,
             expected_ip,
             bound: None,
+            proven: false,
+            binding,
+            ctx,
+            pin,
             cookies,
-            verify_requests: Vec::new(),
+            addressed: Vec::new(),
             deadline: now + HANDSHAKE_TIMEOUT,
             last_seen: now,
             outcome: None,
@@ -341,49 +389,106 @@ impl DtlsHandshake {
         TunnelError::Failed(format!("DTLS failed: {text}"))
     }
 
-    /// Server, before a client is bound: a ClientHello without the cookie for
-    /// its address gets a HelloVerifyRequest (and leaves no state); one that
-    /// returns it binds the handshake to its address, and OpenSSL is shown
-    /// the first ClientHello it answers. Returns whether `datagram` goes on
-    /// to OpenSSL.
-    fn bind(&mut self, now: Time, from: SocketAddr, datagram: &[u8]) -> bool {
-        let (Some(cookies), Some(hello)) = (self.cookies.clone(), hello::parse(datagram)) else {
-            return false;
-        };
+    /// Server: a ClientHello from `from`, at the client's IP. One without
+    /// the cookie for its address gets a HelloVerifyRequest and leaves no
+    /// state. One with it goes on to OpenSSL if it comes from the bound
+    /// address; otherwise it binds the handshake to its address if it carries
+    /// a valid proof (displacing a binding without one: a host behind the
+    /// client's NAT running a real DTLS client holds nothing), or if nobody
+    /// holds the handshake yet (a client without proofs, as the seed's).
+    /// Returns the hello for OpenSSL: the one its client's OpenSSL made,
+    /// without the proof.
+    fn admit_hello(&mut self, now: Time, from: SocketAddr, hello: &hello::ClientHello<'_>) -> Option<Vec<u8>> {
+        let cookies = self.cookies.clone()?;
         let mut cookie = [0u8; 64];
-        let Some(n) = cookies.for_peer(from, &mut cookie) else {
-            return false;
-        };
+        let n = cookies.for_peer(from, &mut cookie)?;
         let cookie = &cookie[..n];
         if hello.cookie().len() != n || !memcmp::eq(hello.cookie(), cookie) {
             // A first ClientHello, a stale cookie, or someone else's: at
             // most a few answers are kept between sends.
-            if self.verify_requests.len() < MAX_VERIFY_REQUESTS {
+            if self.addressed.len() < MAX_ADDRESSED {
                 let mut request = Vec::with_capacity(64);
                 hello::hello_verify_request(hello.record_seq, cookie, &mut request);
-                self.verify_requests.push((from, request));
+                self.addressed.push((from, request));
             }
-            return false;
+            return None;
         }
-        let mut first = Vec::with_capacity(datagram.len());
-        if hello.first(&mut first).is_none() {
-            return false;
+        let proven = match (hello.proof(), proof_for(&self.binding, cookie)) {
+            (Some(got), Some(expected)) => memcmp::eq(got, &expected),
+            _ => false,
+        };
+        let mut plain = Vec::with_capacity(hello.bytes().len());
+        if hello.without_proof(&mut plain).is_none() {
+            plain.extend_from_slice(hello.bytes());
         }
-        if let Ok(mut subject) = cookies.subject.lock() {
+        if self.bound == Some(from) {
+            self.proven |= proven;
+            return Some(plain);
+        }
+        if !proven && self.bound.is_some() {
+            return None;
+        }
+        if self.bound.is_some() {
+            self.restart()?;
+        }
+        self.bind(now, from, &plain)?;
+        self.proven = proven;
+        Some(plain)
+    }
+
+    /// Binds the handshake to `from`, whose ClientHello `second` returned
+    /// its cookie: OpenSSL is shown the first ClientHello it answers (and
+    /// its reply to that is discarded: it went out already, as ours).
+    fn bind(&mut self, now: Time, from: SocketAddr, second: &[u8]) -> Option<()> {
+        let mut first = Vec::with_capacity(second.len());
+        hello::parse(second)?.first(&mut first)?;
+        if let Ok(mut subject) = self.cookies.as_ref()?.subject.lock() {
             *subject = cookie_subject(from);
         }
         self.bound = Some(from);
-        self.verify_requests.clear();
-        if let Some(stream) = self.stream.as_mut() {
-            stream.get_mut().put(&first);
-        }
+        self.addressed.clear();
+        self.stream.as_mut()?.get_mut().put(&first);
         self.advance(now);
-        // OpenSSL's answer to the first ClientHello went out already, as ours.
         self.pending.clear();
-        if let Some(s) = self.stream.as_mut() {
-            s.get_mut().inbound_ready = false;
+        self.stream.as_mut()?.get_mut().inbound_ready = false;
+        Some(())
+    }
+
+    /// Server: forgets the binding and starts OpenSSL afresh (the deadline
+    /// stays). `None` if a fresh state cannot be made: then that is the outcome.
+    fn restart(&mut self) -> Option<()> {
+        self.peer_rejected.store(false, Ordering::Relaxed);
+        match open_stream(
+            &self.ctx,
+            self.role,
+            self.pin.clone(),
+            self.peer_rejected.clone(),
+            self.mtu,
+        ) {
+            Ok(stream) => self.stream = Some(stream),
+            Err(e) => {
+                self.stream = None;
+                self.outcome = Some(Err(TunnelError::Failed(format!("cannot set up DTLS: {e:#}"))));
+                return None;
+            }
         }
-        self.stream.is_some()
+        self.pending.clear();
+        self.bound = None;
+        self.proven = false;
+        Some(())
+    }
+
+    /// Client: `datagram` with a proof added, into `out`, if it is a
+    /// ClientHello returning a cookie.
+    fn proven_hello(&self, datagram: &[u8], out: &mut Vec<u8>) -> Option<()> {
+        if self.role != Role::Client {
+            return None;
+        }
+        let hello = hello::parse(datagram)?;
+        if hello.cookie().is_empty() {
+            return None;
+        }
+        hello.with_proof(&proof_for(&self.binding, hello.cookie())?, out)
     }
 
     /// Runs the handshake as far as it goes with what OpenSSL has, and keeps
@@ -403,6 +508,20 @@ impl DtlsHandshake {
                 self.outcome = Some(self.established(now, stream));
             }
             Err(e) if e.code() == ErrorCode::WANT_READ || e.code() == ErrorCode::WANT_WRITE => {}
+            // A handshake nobody proved is no verdict on the client's: its
+            // peer gets OpenSSL's alert, and the server waits on.
+            Err(_) if self.role == Role::Server && !self.proven && self.bound.is_some() => {
+                if let Some(to) = self.bound {
+                    for p in self
+                        .pending
+                        .iter()
+                        .take(MAX_ADDRESSED.saturating_sub(self.addressed.len()))
+                    {
+                        self.addressed.push((to, p.to_vec()));
+                    }
+                }
+                let _ = self.restart();
+            }
             Err(e) => {
                 self.outcome = Some(Err(self.classify(&e)));
                 self.stream = None;
@@ -462,19 +581,21 @@ impl Handshake for DtlsHandshake {
         if self.stream.is_none() {
             return;
         }
+        let admitted;
+        let mut datagram = datagram;
         if self.role == Role::Server {
             let Some(from) = from else { return };
             if Some(from.ip()) != self.expected_ip {
                 return;
             }
-            match self.bound {
-                Some(bound) if bound != from => return,
-                Some(_) => {}
-                None => {
-                    if !self.bind(now, from, datagram) {
-                        return;
-                    }
-                }
+            if let Some(hello) = hello::parse(datagram) {
+                let Some(plain) = self.admit_hello(now, from, &hello) else {
+                    return;
+                };
+                admitted = plain;
+                datagram = &admitted;
+            } else if self.bound != Some(from) {
+                return;
             }
         }
         let Some(stream) = self.stream.as_mut() else { return };
@@ -488,11 +609,16 @@ impl Handshake for DtlsHandshake {
 
     fn poll_transmit(&mut self, out: &mut PacketBatch) -> Option<SocketAddr> {
         // Each HelloVerifyRequest to its own address, one per call.
-        if let Some((to, request)) = self.verify_requests.pop() {
+        if let Some((to, request)) = self.addressed.pop() {
             out.push(&request);
             return Some(to);
         }
+        let mut proven = Vec::new();
         for p in self.pending.iter() {
+            let p = match self.proven_hello(p, &mut proven) {
+                Some(()) => &proven[..],
+                None => p,
+            };
             if !out.push(p) {
                 break;
             }
@@ -840,10 +966,29 @@ mod tests {
         server_pins: &str,
     ) -> (DtlsHandshake, DtlsHandshake) {
         let now = crate::tunnel::now();
-        let client = DtlsHandshake::client(now, &k.id(client_id), k.pin(client_pins), 1400).unwrap();
-        let server =
-            DtlsHandshake::server(now, &k.id(server_id), k.pin(server_pins), 1400, client_addr().ip()).unwrap();
+        let client = DtlsHandshake::client(now, &k.id(client_id), k.pin(client_pins), 1400, binding()).unwrap();
+        let server = DtlsHandshake::server(
+            now,
+            &k.id(server_id),
+            k.pin(server_pins),
+            1400,
+            client_addr().ip(),
+            binding(),
+        )
+        .unwrap();
         (client, server)
+    }
+
+    /// The control connection's binding both ends of a test session share.
+    fn binding() -> ChannelBinding {
+        ChannelBinding([7; 32])
+    }
+
+    /// A real DTLS client at the client's IP that holds another control
+    /// connection's binding (or none the server knows).
+    fn stranger(k: &Keys, key: &str) -> DtlsHandshake {
+        let now = crate::tunnel::now();
+        DtlsHandshake::client(now, &k.id(key), k.pin("server"), 1400, ChannelBinding([8; 32])).unwrap()
     }
 
     fn drain(h: &mut dyn Handshake) -> Vec<Vec<u8>> {
@@ -858,6 +1003,17 @@ mod tests {
     fn exchange(
         client: &mut DtlsHandshake,
         server: &mut DtlsHandshake,
+        lose: impl FnMut(bool, usize) -> bool,
+    ) -> (usize, usize) {
+        exchange_from(client, client_addr(), server, lose)
+    }
+
+    /// [`exchange`], the client at `from`; it ends when the client has
+    /// finished (or given up) and nothing is on its way.
+    fn exchange_from(
+        client: &mut DtlsHandshake,
+        from: SocketAddr,
+        server: &mut DtlsHandshake,
         mut lose: impl FnMut(bool, usize) -> bool,
     ) -> (usize, usize) {
         let (mut up, mut down) = (0, 0);
@@ -866,7 +1022,7 @@ mod tests {
         while crate::tunnel::now() < deadline {
             flight.extend(drain(client).into_iter().map(|d| (true, d)));
             flight.extend(drain(server).into_iter().map(|d| (false, d)));
-            if client.stream.is_none() && (server.stream.is_none()) {
+            if client.stream.is_none() && (server.stream.is_none() || flight.is_empty()) {
                 break;
             }
             let Some((to_server, d)) = flight.pop_front() else {
@@ -882,7 +1038,7 @@ mod tests {
                 continue;
             }
             if to_server {
-                server.handle_datagram(crate::tunnel::now(), Some(client_addr()), &d);
+                server.handle_datagram(crate::tunnel::now(), Some(from), &d);
             } else {
                 client.handle_datagram(crate::tunnel::now(), None, &d);
             }
@@ -1070,7 +1226,7 @@ mod tests {
         let k = Keys::new();
         let (mut client, mut server) = handshakes(&k, "client", "server", "server", "client");
         let now = crate::tunnel::now();
-        let mut stranger = DtlsHandshake::client(now, &k.id("other"), k.pin("server"), 1400).unwrap();
+        let mut stranger = stranger(&k, "other");
         let stranger_hello = drain(&mut stranger);
         let junk = [22, 0xfe, 0xfd, 0, 0, 0, 0, 0, 0, 0, 1, 0, 3, 1, 2, 3];
         for port in 40000..40050 {
@@ -1080,7 +1236,7 @@ mod tests {
         }
         assert_eq!(server.bound, None);
         let answers = drain_all(&mut server);
-        assert_eq!(answers.len(), MAX_VERIFY_REQUESTS, "a bounded number of answers");
+        assert_eq!(answers.len(), MAX_ADDRESSED, "a bounded number of answers");
         for (to, d) in &answers {
             assert!(to.is_some_and(|a| a.port() >= 40000), "each to the sprayer's own port");
             assert_eq!(d[13], 3, "a HelloVerifyRequest");
@@ -1097,6 +1253,101 @@ mod tests {
         exchange(&mut client, &mut server, |_, _| false);
         let _ = sessions(&mut client, &mut server);
         assert_eq!(server.bound, Some(client_addr()));
+    }
+
+    /// The cookie exchange of `client` at `from` with `server`, up to and
+    /// including the ClientHello that returns the cookie; what the server
+    /// then sends to others than `from` is returned.
+    fn return_cookie(
+        client: &mut DtlsHandshake,
+        from: SocketAddr,
+        server: &mut DtlsHandshake,
+    ) -> Vec<(Option<SocketAddr>, Vec<u8>)> {
+        let now = crate::tunnel::now();
+        let first = drain(client);
+        server.handle_datagram(now, Some(from), &first[0]);
+        let (ours, others): (Vec<_>, Vec<_>) = drain_all(server).into_iter().partition(|(to, _)| *to == Some(from));
+        assert_eq!(ours.len(), 1, "a HelloVerifyRequest to {from}");
+        client.handle_datagram(now, None, &ours[0].1);
+        let second = drain(client);
+        assert!(!hello::parse(&second[0]).unwrap().cookie().is_empty());
+        server.handle_datagram(now, Some(from), &second[0]);
+        others
+    }
+
+    /// A host behind the client's NAT running a real DTLS client returns its
+    /// own cookie and goes silent: it holds the handshake only until the
+    /// client's ClientHello with a proof arrives, and after that neither it
+    /// nor another such host displaces the client.
+    #[test]
+    fn a_real_dtls_client_behind_the_same_nat_holds_nothing_against_the_proven_client() {
+        let k = Keys::new();
+        let (mut client, mut server) = handshakes(&k, "client", "server", "server", "client");
+        let squatter = SocketAddr::new(client_addr().ip(), 41000);
+        return_cookie(&mut stranger(&k, "other"), squatter, &mut server);
+        assert_eq!(
+            (server.bound, server.proven),
+            (Some(squatter), false),
+            "nobody held it before"
+        );
+        drain_all(&mut server);
+        // The client's ClientHello carries its proof; it takes the handshake.
+        return_cookie(&mut client, client_addr(), &mut server);
+        assert_eq!((server.bound, server.proven), (Some(client_addr()), true));
+        // Another squatter, after: refused.
+        let flight = return_cookie(
+            &mut stranger(&k, "other"),
+            SocketAddr::new(client_addr().ip(), 41001),
+            &mut server,
+        );
+        assert_eq!(server.bound, Some(client_addr()), "a proven client keeps the handshake");
+        for (_, d) in flight.iter().filter(|(to, _)| *to == Some(client_addr())) {
+            client.handle_datagram(crate::tunnel::now(), None, d);
+        }
+        exchange(&mut client, &mut server, |_, _| false);
+        let (_, s) = sessions(&mut client, &mut server);
+        assert_eq!(s.peer, Some(client_addr()));
+    }
+
+    /// A host at the client's IP that completes a handshake with some key
+    /// is no verdict on the client: the server waits on, and the client
+    /// connects after it.
+    #[test]
+    fn a_stranger_finishing_a_handshake_ends_nothing() {
+        let k = Keys::new();
+        let (mut client, mut server) = handshakes(&k, "client", "server", "server", "client");
+        let mut squatter = stranger(&k, "other");
+        exchange_from(
+            &mut squatter,
+            SocketAddr::new(client_addr().ip(), 41000),
+            &mut server,
+            |_, _| false,
+        );
+        assert!(matches!(squatter.outcome(), Some(Err(TunnelError::OurKeyRefused))));
+        assert!(server.outcome().is_none(), "the server waits on");
+        assert_eq!(server.bound, None);
+        exchange(&mut client, &mut server, |_, _| false);
+        let (_, s) = sessions(&mut client, &mut server);
+        assert_eq!(s.peer, Some(client_addr()));
+    }
+
+    /// A client that sends no proof (one written from the seed's design)
+    /// still connects when nobody else holds the handshake; the proof never
+    /// reaches OpenSSL, so the transcripts of a proven client agree too.
+    #[test]
+    fn a_client_without_a_proof_still_connects_to_a_free_server() {
+        let k = Keys::new();
+        let (mut client, mut server) = handshakes(&k, "client", "server", "server", "client");
+        let now = crate::tunnel::now();
+        server.handle_datagram(now, Some(client_addr()), &drain(&mut client)[0]);
+        client.handle_datagram(now, None, &drain(&mut server)[0]);
+        let proven = drain(&mut client);
+        let mut plain = Vec::new();
+        hello::parse(&proven[0]).unwrap().without_proof(&mut plain).unwrap();
+        server.handle_datagram(now, Some(client_addr()), &plain);
+        assert_eq!((server.bound, server.proven), (Some(client_addr()), false));
+        exchange(&mut client, &mut server, |_, _| false);
+        let _ = sessions(&mut client, &mut server);
     }
 
     #[test]

@@ -71,7 +71,8 @@ closed_set! {
 /// Start a flood from a stranger on the internet side (the router): TCP
 /// connects to server-external's port (half held idle, half sending a
 /// replayed TLS ClientHello) and UDP datagrams at its data port (half
-/// DTLS-handshake-shaped, half junk). Runs until `stop-flood`; meanwhile
+/// DTLS-handshake-shaped, half junk), and optionally real DTLS clients
+/// that return the server's cookie and go silent. Runs until `stop-flood`; meanwhile
 /// server-external's resident memory and open files are sampled.
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -87,6 +88,10 @@ pub struct StartFlood {
     /// UDP datagrams per second.
     #[serde(default = "datagrams_per_second")]
     pub datagrams_per_second: u32,
+    /// Real DTLS clients (OpenSSL) per second at the data port, each from a
+    /// port of its own, that return the server's cookie and go silent.
+    #[serde(default)]
+    pub dtls_clients_per_second: u32,
 }
 
 fn internet() -> FloodFrom {

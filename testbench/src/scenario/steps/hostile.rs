@@ -76,7 +76,8 @@ pub fn start_flood(case: &mut Case, s: &StartFlood) -> Result<()> {
         &target.to_string(),
     ])
     .args(["--connects", &s.connects_per_second.to_string()])
-    .args(["--datagrams", &s.datagrams_per_second.to_string()]);
+    .args(["--datagrams", &s.datagrams_per_second.to_string()])
+    .args(["--dtls-clients", &s.dtls_clients_per_second.to_string()]);
     if let Some(prefix) = sources {
         cmd.args(["--sources", &prefix.to_string()]);
     }
@@ -125,11 +126,22 @@ pub fn stop_flood(case: &mut Case, s: &StopFlood) -> Result<()> {
         100.0 * cpu_share,
         peak_kib as f64 / 1024.0
     );
+    if n("dtls_clients") > 0 {
+        detail += &format!(
+            ", {} DTLS clients ({} returned the server's cookie)",
+            n("dtls_clients"),
+            n("dtls_cookies_returned")
+        );
+        // Squatters that never got a cookie tested nothing.
+        if n("dtls_cookies_returned") == 0 {
+            bail!("no DTLS client got a cookie back from server-external: did they reach it? {detail}");
+        }
+    }
     // A flood that reached nobody proves nothing.
     if at_server && reports == 0 {
         bail!("server-external never reported turning anyone away: did the flood reach it? {detail}");
     }
-    if n("attempted") + n("datagrams") == 0 {
+    if n("attempted") + n("datagrams") + n("dtls_clients") == 0 {
         bail!("the generator sent nothing: {detail}");
     }
     if let Some(max) = s.max_rss_mib {
