@@ -66,7 +66,7 @@ pub(super) fn run_outbound<S: PacketSource>(
             clamp_syns(&mut batch, path);
             let sealed = outbound.encapsulate(tunnel::now(), &mut batch).map_err(to_io)?;
             let refused = udp.send(&batch, dest.get())?;
-            DirectionStats::add(&stats.refused, sealed.oversize + refused);
+            DirectionStats::add(&stats.refused, sealed.oversize + sealed.unvalidated + refused);
             DirectionStats::add(&stats.packets, sealed.sealed - refused);
             DirectionStats::add(&stats.bytes, bytes);
             // A busy sender still keeps its timers.

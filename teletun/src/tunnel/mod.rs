@@ -16,6 +16,7 @@
 pub mod dtls;
 pub mod liveness;
 pub mod pmtu;
+pub mod validation;
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
@@ -157,6 +158,9 @@ pub struct Encapsulated {
     pub sealed: usize,
     /// Packets dropped: empty, or larger than [`Outbound::max_packet`].
     pub oversize: usize,
+    /// Packets held back from a peer address not validated yet, past what
+    /// it may be sent (`validation.rs`).
+    pub unvalidated: usize,
 }
 
 /// The sending half of a session.

@@ -32,6 +32,7 @@ use openssl::x509::X509VerifyResult;
 use self::record::{content, Dropped, Opener, Record, Sealer, SessionKeys, Suite, OVERHEAD, PREFIX_LEN, TAG_LEN};
 use super::liveness::{Due, Liveness};
 use super::pmtu::{self, PathState, Prober};
+use super::validation::{self, PathValidation};
 use super::{ChannelBinding, Decapsulated, Encapsulated, Handshake, Inbound, Outbound, Session, Time, TunnelError};
 use crate::io::batch::{PacketBatch, PacketRef, PacketRefs};
 use crate::keys::{Identity, PinnedKey};
@@ -551,6 +552,7 @@ impl DtlsHandshake {
         let liveness = Arc::new(Liveness::standard(now));
         let max_packet = self.mtu - OVERHEAD;
         let path = Arc::new(PathState::new(max_packet));
+        let validation = Arc::new(PathValidation::default());
         Ok(Session {
             outbound: Box::new(DtlsOutbound {
                 sealer,
@@ -558,6 +560,8 @@ impl DtlsHandshake {
                 max_packet,
                 prober: Prober::new(now, max_packet),
                 path: path.clone(),
+                validation: validation.clone(),
+                last_challenge: None,
             }),
             // OpenSSL stays for the rest of the session to answer a
             // retransmitted final flight.
@@ -566,6 +570,9 @@ impl DtlsHandshake {
                 stream,
                 liveness,
                 peer: self.bound,
+                // The handshake's address answered a cookie: validated.
+                validated_peer: self.bound,
+                validation,
                 path: path.clone(),
             }),
             peer: self.bound,
@@ -679,6 +686,10 @@ struct DtlsOutbound {
     max_packet: usize,
     prober: Prober,
     path: Arc<PathState>,
+    /// Whether the peer's address is validated, and what it may be sent if not.
+    validation: Arc<PathValidation>,
+    /// When the last challenge went out.
+    last_challenge: Option<Time>,
 }
 
 impl DtlsOutbound {
@@ -735,15 +746,20 @@ impl Outbound for DtlsOutbound {
     fn encapsulate(&mut self, now: Time, batch: &mut PacketBatch) -> Result<Encapsulated, TunnelError> {
         let mut done = Encapsulated::default();
         let mut keep = [true; crate::io::batch::BATCH_SIZE];
+        // One load per batch while the address is validated (always, but after a move).
+        let limited = self.validation.is_limited();
         for (i, keep) in keep.iter_mut().enumerate().take(batch.len()) {
-            if self.seal_at(content::APPLICATION_DATA, batch, i)? {
-                done.sealed += 1;
-            } else {
+            if !self.seal_at(content::APPLICATION_DATA, batch, i)? {
                 *keep = false;
                 done.oversize += 1;
+            } else if limited && !self.validation.spend(batch.get(i).len()) {
+                *keep = false;
+                done.unvalidated += 1;
+            } else {
+                done.sealed += 1;
             }
         }
-        if done.oversize > 0 {
+        if done.oversize + done.unvalidated > 0 {
             let mut i = 0;
             batch.retain(|_, _| {
                 i += 1;
@@ -757,12 +773,23 @@ impl Outbound for DtlsOutbound {
     }
 
     fn poll_timeout(&self) -> Time {
+        if self.validation.has_work() {
+            // A challenge or a response: now, not at the next heartbeat.
+            return Time::ZERO;
+        }
         let live = self.liveness.poll_timeout();
         self.prober.poll_timeout().map_or(live, |p| p.min(live))
     }
 
     fn handle_timeout(&mut self, now: Time, out: &mut PacketBatch) -> Result<(), TunnelError> {
         let mut sent = false;
+        // The peer's challenge answered, ours (re)sent to its new address.
+        if let Some(token) = self.validation.take_owed() {
+            sent |= self.push_record(out, &validation::record(validation::RESPONSE, token))?;
+        }
+        if let Some(token) = self.validation.challenge(now, &mut self.last_challenge) {
+            sent |= self.push_record(out, &validation::record(validation::CHALLENGE, token))?;
+        }
         // What of the peer's probes reached us, the largest (it cannot wait for a heartbeat).
         if let Some(size) = self.path.take_report() {
             let size = u16::try_from(size).unwrap_or(u16::MAX).to_be_bytes();
@@ -818,6 +845,10 @@ struct DtlsInbound {
     liveness: Arc<Liveness>,
     /// Server: where the client's records come from now.
     peer: Option<SocketAddr>,
+    /// Server: the last of the client's addresses proven to be its own (by
+    /// the cookie exchange, or by answering a challenge).
+    validated_peer: Option<SocketAddr>,
+    validation: Arc<PathValidation>,
 }
 
 impl DtlsInbound {
@@ -846,7 +877,7 @@ impl Inbound for DtlsInbound {
         let mut alive = false;
         for i in 0..batch.len() {
             let from = batch.peer(i);
-            let from_peer = self.peer.is_none() || from == self.peer;
+            let mut from_peer = self.peer.is_none() || from == self.peer;
             let stride = batch.stride(i);
             let (buf, start, len) = batch.buffer_mut(i);
             let stride = if stride == 0 { len } else { stride };
@@ -867,10 +898,30 @@ impl Inbound for DtlsInbound {
                             if newest && !from_peer {
                                 self.peer = from;
                                 done.peer_moved = from;
+                                from_peer = true;
+                                if from == self.validated_peer {
+                                    self.validation.returned();
+                                } else {
+                                    self.validation.moved(datagram_end - at);
+                                }
+                            } else if from_peer && self.validation.is_limited() {
+                                self.validation.earned(used);
                             }
                             let body = &buf[r + plaintext.start..r + plaintext.end];
                             match content {
                                 content::APPLICATION_DATA if body == HEARTBEAT => {}
+                                content::APPLICATION_DATA if body.first() == Some(&validation::CHALLENGE) => {
+                                    if let Some(token) = validation::token_of(validation::CHALLENGE, body) {
+                                        self.validation.owe(token);
+                                    }
+                                }
+                                content::APPLICATION_DATA if body.first() == Some(&validation::RESPONSE) => {
+                                    let answered = validation::token_of(validation::RESPONSE, body)
+                                        .is_some_and(|t| from == self.peer && self.validation.answered(t));
+                                    if answered {
+                                        self.validated_peer = self.peer;
+                                    }
+                                }
                                 content::APPLICATION_DATA if body.first() == Some(&pmtu::PROBE) => {
                                     self.path.probe_arrived(body.len());
                                 }
@@ -1509,6 +1560,99 @@ mod tests {
         // An older one from the old address, arriving late, does not move it back.
         let (got, r, _) = open(&mut server, now, &d[..1], Some(client_addr()));
         assert_eq!((got.len(), r.peer_moved), (1, None));
+    }
+
+    fn datagrams(b: &PacketBatch) -> Vec<Vec<u8>> {
+        b.iter().map(<[u8]>::to_vec).collect()
+    }
+
+    fn downstream() -> PacketBatch {
+        batch_of(&vec![vec![0x45; 1000]; 64])
+    }
+
+    /// Someone on the path replays the client's newest record from a
+    /// spoofed address: the server follows, but sends there at most three
+    /// times what came from there until the address answers a challenge
+    /// (which only the client can), and the client's next record takes the
+    /// session back to its own address, with no limit.
+    #[test]
+    fn a_replayed_record_draws_at_most_three_times_its_size_to_the_spoofed_address() {
+        let k = Keys::new();
+        let (mut c, mut s) = handshakes(&k, "client", "server", "server", "client");
+        exchange(&mut c, &mut s, |_, _| false);
+        let (mut client, mut server) = sessions(&mut c, &mut s);
+        let now = crate::tunnel::now();
+        let d = seal(&mut client, now, &packets(2));
+        let spoofed: SocketAddr = "198.51.100.9:5555".parse().unwrap();
+        let replayed = d[0].clone();
+        assert_eq!(
+            open(&mut server, now, std::slice::from_ref(&replayed), Some(spoofed))
+                .1
+                .peer_moved,
+            Some(spoofed)
+        );
+        let mut b = downstream();
+        let r = server.outbound.encapsulate(now, &mut b).unwrap();
+        let sent: usize = b.iter().map(<[u8]>::len).sum();
+        assert!(
+            sent <= 3 * replayed.len(),
+            "{sent} bytes to the spoofed address for {}",
+            replayed.len()
+        );
+        assert_eq!((r.sealed + r.unvalidated, b.len()), (64, r.sealed));
+        assert!(r.unvalidated >= 62, "{r:?}");
+        // The challenge goes out at once, not at the next heartbeat.
+        assert_eq!(server.outbound.poll_timeout(), Time::ZERO);
+        let mut out = PacketBatch::new();
+        server.outbound.handle_timeout(now, &mut out).unwrap();
+        assert!(!out.is_empty());
+        // The client's next record, from its own address, moves the session back.
+        let (_, r, _) = open(&mut server, now, &d[1..2], Some(client_addr()));
+        assert_eq!(r.peer_moved, Some(client_addr()));
+        let mut b = downstream();
+        assert_eq!(server.outbound.encapsulate(now, &mut b).unwrap().sealed, 64);
+    }
+
+    /// A NAT that rebinds: the client's records come from a new address, it
+    /// answers the challenge sent there, and from then on it gets everything.
+    /// A response replayed from elsewhere proves nothing.
+    #[test]
+    fn a_rebound_client_answers_the_challenge_and_is_sent_everything() {
+        let k = Keys::new();
+        let (mut c, mut s) = handshakes(&k, "client", "server", "server", "client");
+        exchange(&mut c, &mut s, |_, _| false);
+        let (mut client, mut server) = sessions(&mut c, &mut s);
+        let now = crate::tunnel::now();
+        let rebound: SocketAddr = "203.0.113.50:40000".parse().unwrap();
+        let d = seal(&mut client, now, &packets(1));
+        assert_eq!(open(&mut server, now, &d, Some(rebound)).1.peer_moved, Some(rebound));
+        let mut out = PacketBatch::new();
+        server.outbound.handle_timeout(now, &mut out).unwrap();
+        open(&mut client, now, &datagrams(&out), None);
+        // The client owes its response at once.
+        assert_eq!(client.outbound.poll_timeout(), Time::ZERO);
+        out.clear();
+        client.outbound.handle_timeout(now, &mut out).unwrap();
+        let answer = datagrams(&out);
+        // Replayed first from a third address, the answer moves the session
+        // there (it is the newest record) but validates nothing.
+        let third: SocketAddr = "198.51.100.77:1".parse().unwrap();
+        open(&mut server, now, &answer, Some(third));
+        let mut b = downstream();
+        assert!(server.outbound.encapsulate(now, &mut b).unwrap().unvalidated > 0);
+        // The client answers again from its address (the server challenged
+        // anew): validated, no limit.
+        let mut out = PacketBatch::new();
+        let d = seal(&mut client, now, &packets(1));
+        open(&mut server, now, &d, Some(rebound));
+        server.outbound.handle_timeout(now, &mut out).unwrap();
+        open(&mut client, now, &datagrams(&out), None);
+        out.clear();
+        client.outbound.handle_timeout(now, &mut out).unwrap();
+        open(&mut server, now, &datagrams(&out), Some(rebound));
+        let mut b = downstream();
+        let r = server.outbound.encapsulate(now, &mut b).unwrap();
+        assert_eq!((r.sealed, r.unvalidated), (64, 0));
     }
 
     /// Our records are standard DTLS 1.2: OpenSSL's own record layer opens
