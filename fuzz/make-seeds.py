@@ -71,6 +71,10 @@ def main():
     write("packet_inspect", "udp6", udp6(b"query"))
     # link_frames: the parameters message, and frames (virtio header + packet).
     write("link_frames", "params", b"TTLINK\x02\x03")
+    # The authentication's challenge, answer and confirmation.
+    write("link_frames", "auth-challenge", b"TTAUTH\x01" + bytes(range(32)))
+    write("link_frames", "auth-answer", b"TTAUTH\x02" + bytes(range(64)))
+    write("link_frames", "auth-confirm", b"TTAUTH\x03" + bytes(range(32, 64)))
     virtio_none = bytes(10)
     write("link_frames", "frame-plain", virtio_none + udp4(b"x" * 100))
     seg = b"y" * 1000

@@ -1,6 +1,6 @@
-//! The AF_UNIX link between server-cluster and server-external: its parameters
-//! message, and frames (virtio-net header + packet or super-packet) split into
-//! packets. Never a panic; a plain frame gives its packet back as it is (the
+//! The AF_UNIX link between server-cluster and server-external: its
+//! authentication and parameters messages, and frames (virtio-net header +
+//! packet or super-packet) split into packets. Never a panic; a plain frame gives its packet back as it is (the
 //! tunnel's receiver inspects it), and every segment of a super-packet is a
 //! well-formed IP packet; each lands after the headroom asked for.
 #![no_main]
@@ -10,7 +10,7 @@ use std::sync::Mutex;
 use libfuzzer_sys::fuzz_target;
 use teletun::io::batch::PacketBatch;
 use teletun::io::offload::{gso_header_len, split_frame, VirtioHeader, GSO_NONE, VIRTIO_HEADER_LEN};
-use teletun::proto::link::LinkParams;
+use teletun::proto::link::{AuthMessage, LinkParams};
 use teletun::proto::packet::inspect;
 
 /// Headroom as server-external leaves it for the record header.
@@ -21,6 +21,10 @@ static OUT: Mutex<Option<PacketBatch>> = Mutex::new(None);
 fuzz_target!(|data: &[u8]| {
     if let Ok(params) = LinkParams::decode(data) {
         assert_eq!(LinkParams::decode(&params.encode()), Ok(params));
+    }
+    // The link's authentication messages: what decodes is exactly what encodes.
+    if let Some(m) = AuthMessage::decode(data) {
+        assert_eq!(m.encode(), data);
     }
     let mut guard = OUT.lock().unwrap();
     let out = guard.get_or_insert_with(PacketBatch::new);

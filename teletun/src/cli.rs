@@ -182,6 +182,14 @@ pub struct ServerExternalArgs {
     /// server-cluster's AF_UNIX socket.
     #[arg(long, value_name = "FILE")]
     pub sockfile: PathBuf,
+    /// The pair's link key (`teletun keygen --link`), which server-cluster
+    /// must hold too: each proves it to the other before the link carries
+    /// anything. Without it the link is not authenticated (a warning says so).
+    #[arg(long, value_name = "FILE")]
+    pub link_key: Option<PathBuf>,
+    /// The only uid server-cluster may run as [default: server-external's own].
+    #[arg(long, value_name = "UID")]
+    pub peer_uid: Option<u32>,
     /// Address to listen on.
     #[arg(long, value_name = "ADDR", default_value = "::")]
     pub listen_address: IpAddr,
@@ -215,6 +223,14 @@ pub struct ServerClusterArgs {
     /// [default: server-cluster's own].
     #[arg(long, value_name = "UID")]
     pub peer_uid: Option<u32>,
+    /// The pair's link key (`teletun keygen --link`), which server-external
+    /// must hold too: each proves it to the other before the link carries
+    /// anything. Without it the link is not authenticated (a warning says so).
+    #[arg(long, value_name = "FILE")]
+    pub link_key: Option<PathBuf>,
+    /// Use a link key that others may read (refused otherwise, as ssh does).
+    #[arg(long)]
+    pub insecure_key_permissions: bool,
 }
 
 /// `teletun keygen`.
@@ -223,6 +239,10 @@ pub struct KeygenArgs {
     /// Write PREFIX.key and PREFIX.pub.
     #[arg(long, value_name = "PREFIX")]
     pub out: PathBuf,
+    /// Write only PREFIX.key, a new link key: the secret one pair's
+    /// server-external and server-cluster share (--link-key), not a key pair.
+    #[arg(long)]
+    pub link: bool,
 }
 
 /// Rewrites Go-style long flags (`-pod=x`, `-port 8`) to GNU style. A single

@@ -5,6 +5,8 @@
 //! (SubjectPublicKeyInfo PEM). There is no CA: at start-up each side wraps its key
 //! in a throw-away self-signed certificate, and each side accepts a peer only if
 //! the peer certificate's SubjectPublicKeyInfo equals the pinned public key file.
+//! `teletun keygen --link` writes a link key instead: 32 random bytes in hex,
+//! the secret shared by one pair's server-external and server-cluster.
 
 use std::fs;
 use std::io::Write;
@@ -199,6 +201,81 @@ pub fn generate(prefix: &Path) -> Result<(PathBuf, PathBuf)> {
     Ok((key_path, pub_path))
 }
 
+/// The secret one pair's server-external and server-cluster share: each
+/// proves it holds it before the AF_UNIX link carries anything (docs/protocol.md).
+pub struct LinkKey([u8; LINK_KEY_LEN]);
+
+/// A link key's length in bytes (written as twice as many hex digits).
+pub const LINK_KEY_LEN: usize = 32;
+
+impl LinkKey {
+    /// The key's bytes, for the MACs of the link's authentication.
+    pub fn bytes(&self) -> &[u8; LINK_KEY_LEN] {
+        &self.0
+    }
+
+    /// A key from its bytes (tests and the testbench's intruders).
+    pub fn from_bytes(bytes: [u8; LINK_KEY_LEN]) -> LinkKey {
+        LinkKey(bytes)
+    }
+}
+
+impl Drop for LinkKey {
+    fn drop(&mut self) {
+        self.0.fill(0);
+        std::hint::black_box(&self.0);
+    }
+}
+
+/// Writes a new link key to `PREFIX.key` (0600, 64 hex digits and a newline);
+/// refuses to overwrite an existing file. Returns its path.
+pub fn generate_link_key(prefix: &Path) -> Result<PathBuf> {
+    let path = PathBuf::from(format!("{}.key", prefix.display()));
+    if path.exists() {
+        bail!(
+            "{} already exists; remove it or choose another --out prefix",
+            path.display()
+        );
+    }
+    let mut key = [0u8; LINK_KEY_LEN];
+    openssl::rand::rand_bytes(&mut key)?;
+    let mut text: String = key.iter().map(|b| format!("{b:02x}")).collect();
+    key.fill(0);
+    text.push('\n');
+    write_new(&path, text.as_bytes(), 0o600)?;
+    Ok(path)
+}
+
+/// Loads a link key written by [`generate_link_key`]. A file others may read
+/// is refused unless `allow_insecure`, as for private keys.
+pub fn load_link_key(path: &Path, allow_insecure: bool) -> Result<LinkKey> {
+    let mut text = read_key_file(path, "link key")?;
+    let parsed = parse_link_key(&text);
+    text.fill(0);
+    std::hint::black_box(&text);
+    let Some(key) = parsed else {
+        bail!(
+            "{}: not a link key (64 hex digits); create one with `teletun keygen --link --out PREFIX`",
+            path.display()
+        );
+    };
+    check_private_mode(path, allow_insecure)?;
+    Ok(key)
+}
+
+fn parse_link_key(text: &[u8]) -> Option<LinkKey> {
+    let hex = text.strip_suffix(b"\n").unwrap_or(text);
+    if hex.len() != 2 * LINK_KEY_LEN {
+        return None;
+    }
+    let digit = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
+    let mut key = LinkKey([0u8; LINK_KEY_LEN]);
+    for (byte, pair) in key.0.iter_mut().zip(hex.chunks(2)) {
+        *byte = digit(pair[0])? << 4 | digit(pair[1])?;
+    }
+    Some(key)
+}
+
 fn write_new(path: &Path, data: &[u8], mode: u32) -> Result<()> {
     let mut f = fs::OpenOptions::new()
         .write(true)
@@ -242,6 +319,36 @@ mod tests {
         let other = load_pinned(&p2).unwrap();
         assert!(!other.matches_cert_der(&id.cert.to_der().unwrap()));
         assert!(ensure_pair(&id, &other, &k).is_err());
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn link_keys_round_trip_and_are_checked() {
+        let dir = tempdir();
+        let path = generate_link_key(&dir.join("link")).unwrap();
+        assert_eq!(fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        let text = fs::read_to_string(&path).unwrap();
+        assert_eq!(text.len(), 65, "{text:?}");
+        let key = load_link_key(&path, false).unwrap();
+        assert_ne!(key.bytes(), &[0u8; LINK_KEY_LEN]);
+        assert_eq!(
+            text.trim(),
+            key.bytes().iter().map(|b| format!("{b:02x}")).collect::<String>()
+        );
+        assert!(generate_link_key(&dir.join("link")).is_err(), "must not overwrite");
+        let other = load_link_key(&generate_link_key(&dir.join("other")).unwrap(), false).unwrap();
+        assert_ne!(key.bytes(), other.bytes());
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o640)).unwrap();
+        let e = load_link_key(&path, false).err().unwrap().to_string();
+        assert!(e.contains("is open to others"), "{e}");
+        for junk in ["", "abc\n", &"g".repeat(64), &"0".repeat(66)] {
+            fs::write(dir.join("junk"), junk).unwrap();
+            let e = load_link_key(&dir.join("junk"), true).err().unwrap().to_string();
+            assert!(e.contains("not a link key (64 hex digits)"), "{junk:?}: {e}");
+        }
+        // A key pair's private key is not a link key.
+        let (k, _) = generate(&dir.join("pair")).unwrap();
+        assert!(load_link_key(&k, false).is_err());
         fs::remove_dir_all(dir).unwrap();
     }
 

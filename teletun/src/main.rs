@@ -109,9 +109,23 @@ async fn print_status(json: bool, verbose: bool) -> Result<()> {
     Ok(())
 }
 
+/// The link key, if one is given; without, a warning that the link is open
+/// to any process of the peer's uid on the node.
+fn load_link_key(path: Option<&std::path::Path>, allow_insecure: bool) -> Result<Option<keys::LinkKey>> {
+    match path {
+        Some(p) => Ok(Some(keys::load_link_key(p, allow_insecure)?)),
+        None => {
+            tracing::warn!(
+                "no --link-key: the AF_UNIX link is not authenticated, so another pair's server on this node could link up with this one; give both servers the pair's key (`teletun keygen --link`)"
+            );
+            Ok(None)
+        }
+    }
+}
+
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Keygen(a) => roles::keygen::run(&a.out),
+        Command::Keygen(a) => roles::keygen::run(&a.out, a.link),
         Command::Cleanup => runtime()?.block_on(roles::cleanup::run()),
         Command::Status(a) => runtime()?.block_on(print_status(a.json, cli.verbose > 0)),
         Command::Guard => runtime()?.block_on(roles::guard::run()),
@@ -155,6 +169,7 @@ fn run(cli: Cli) -> Result<()> {
             let own = keys::load_pinned(&a.server_pubkey)?;
             keys::ensure_pair(&identity, &own, &a.server_privkey)?;
             let client_key = keys::load_pinned(&a.client_pubkey)?;
+            let link_key = load_link_key(a.link_key.as_deref(), a.insecure_key_permissions)?;
             let listen = cli::listen_addr(&a);
             let v6 = listen.is_ipv6();
             let config = server_external::ServerExternalConfig {
@@ -162,12 +177,16 @@ fn run(cli: Cli) -> Result<()> {
                 identity,
                 client_key,
                 sockfile: a.sockfile,
+                link_key,
+                // SAFETY: geteuid has no preconditions.
+                peer_uid: a.peer_uid.unwrap_or_else(|| unsafe { libc::geteuid() }),
                 path_mtu: teletun::io::udp::udp_payload(usize::from(a.path_mtu), v6),
                 transport: Transport::default(),
             };
             network_facing_runtime()?.block_on(server_external::run(config))
         }
         Command::ServerCluster(a) => runtime()?.block_on(server_cluster::run(server_cluster::ServerClusterConfig {
+            link_key: load_link_key(a.link_key.as_deref(), a.insecure_key_permissions)?,
             sockfile: a.sockfile,
             interface: a.interface,
             resolv_conf: a.resolv_conf,

@@ -67,10 +67,11 @@ pub fn plan(root: &Path, config: &str) -> Result<Plan> {
     }
     let template = std::fs::read_to_string(root.join("docs/deploy/teletun-servers.yaml"))
         .context("cannot read docs/deploy/teletun-servers.yaml")?;
+    let cluster = format!("teletun-{config}");
     let manifests = template
         .replace("TELETUN_IMAGE", IMAGE)
-        .replace("TELETUN_PORT", &PORT.to_string());
-    let cluster = format!("teletun-{config}");
+        .replace("TELETUN_PORT", &PORT.to_string())
+        .replace("TELETUN_PAIR", &cluster);
     let dir = PathBuf::from(format!("target/testbench/kind/{config}"));
     let d = dir.display().to_string();
     let kubeconfig = format!("{d}/kubeconfig");
@@ -125,6 +126,11 @@ pub fn plan(root: &Path, config: &str) -> Result<Plan> {
             true,
         ),
         step(
+            "make the servers' link key",
+            argv(&[teletun, "keygen", "--link", "--out", &format!("{d}/link")]),
+            true,
+        ),
+        step(
             "store the keys the servers need",
             kubectl(&[
                 "create",
@@ -134,6 +140,7 @@ pub fn plan(root: &Path, config: &str) -> Result<Plan> {
                 &format!("--from-file=server.key={d}/server.key"),
                 &format!("--from-file=server.pub={d}/server.pub"),
                 &format!("--from-file=client.pub={d}/client.pub"),
+                &format!("--from-file=link.key={d}/link.key"),
             ]),
             true,
         ),

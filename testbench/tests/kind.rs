@@ -92,8 +92,26 @@ fn deploy_manifests_are_kubernetes_objects() {
             .iter()
             .find(|v| v.name == "socket")
             .expect("the shared socket");
-        assert_eq!(socket.host_path.as_ref().unwrap().path, "/var/run/teletun");
+        // A directory of this pair's own, not one every session shares.
+        assert_eq!(socket.host_path.as_ref().unwrap().path, "/var/run/teletun/TELETUN_PAIR");
+        let args = &spec.containers[0].args.as_ref().unwrap();
+        assert!(
+            args.iter().any(|a| a == "--link-key=/keys/link.key"),
+            "each server proves the pair's link key: {args:?}"
+        );
     }
+    // server-cluster sees the link key and no other.
+    let keys = cluster
+        .volumes
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find(|v| v.name == "link-key")
+        .and_then(|v| v.secret.as_ref())
+        .expect("the link key's volume");
+    let items: Vec<&str> = keys.items.iter().flatten().map(|i| i.key.as_str()).collect();
+    assert_eq!(items, ["link.key"]);
+    assert_eq!(keys.default_mode, Some(0o400));
     let rbac: ClusterRole =
         serde_saphyr::from_str(&std::fs::read_to_string(root.join("rbac.yaml")).unwrap()).expect("a ClusterRole");
     let verbs: Vec<&String> = rbac

@@ -95,6 +95,12 @@ impl SeqPacket {
         self.peer_takes = capabilities;
     }
 
+    /// The uid and pid of the process at the other end (for a connected
+    /// socket, the listener's when it listened).
+    pub fn peer_credentials(&self) -> io::Result<(u32, i32)> {
+        peer_credentials(&self.sock)
+    }
+
     /// Connects to `path` once.
     pub fn connect(path: &Path) -> io::Result<Self> {
         let s = new_socket()?;

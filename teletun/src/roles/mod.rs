@@ -5,5 +5,6 @@ pub mod cleanup;
 pub mod client;
 pub mod guard;
 pub mod keygen;
+pub mod link_auth;
 pub mod server_cluster;
 pub mod server_external;

@@ -29,6 +29,7 @@ use crate::netconf::takeover::{
 use crate::plane::{Accept, DataPlane, Names};
 use crate::proto::control::Hello;
 use crate::proto::link::LinkParams;
+use crate::roles::link_auth;
 
 /// Everything `teletun server-cluster` needs.
 pub struct ServerClusterConfig {
@@ -47,6 +48,8 @@ pub struct ServerClusterConfig {
     pub state_dir: PathBuf,
     /// The only uid that may connect to the socket (server-external's).
     pub peer_uid: u32,
+    /// The pair's link key: a peer must prove it holds it before it is greeted.
+    pub link_key: Option<crate::keys::LinkKey>,
 }
 
 /// A takeover in progress: what it did, written down before each change.
@@ -338,7 +341,16 @@ pub async fn run(config: ServerClusterConfig) -> Result<()> {
     };
     let steps = takeover::plan(&interface, tun.name(), v4, &v6);
     let listener = match takeover.apply(steps).await {
-        Ok(()) => seqpacket::listen(&config.sockfile),
+        Ok(()) => seqpacket::listen(&config.sockfile).and_then(|l| {
+            // The socket is its owner's alone (0600): a server-external of
+            // another uid may connect only if it owns it.
+            // SAFETY: geteuid has no preconditions.
+            if config.peer_uid != unsafe { libc::geteuid() } {
+                std::os::unix::fs::chown(&config.sockfile, Some(config.peer_uid), None)
+                    .with_context(|| format!("cannot give {} to uid {}", config.sockfile.display(), config.peer_uid))?;
+            }
+            Ok(l)
+        }),
         Err(e) => Err(e),
     };
     let result = match listener {
@@ -348,7 +360,15 @@ pub async fn run(config: ServerClusterConfig) -> Result<()> {
                 tun.name(),
                 config.sockfile.display()
             );
-            serve(listener, &tun, &greeting, &hello.addresses, config.peer_uid).await
+            serve(
+                listener,
+                &tun,
+                &greeting,
+                &hello.addresses,
+                config.peer_uid,
+                config.link_key.as_ref(),
+            )
+            .await
         }
         Err(e) => Err(e),
     };
@@ -387,14 +407,16 @@ fn describe(listener: &tokio::io::unix::AsyncFd<socket2::Socket>) -> String {
 }
 
 /// Runs until SIGINT or SIGTERM, relaying for one server-external at a time:
-/// a connection from another uid than `peer_uid`, or a second one while the
-/// first lives, is refused with a log line.
+/// a connection from another uid than `peer_uid`, one that does not prove it
+/// holds `link_key`, or a second one while the first lives, is refused with a
+/// log line.
 async fn serve(
     listener: socket2::Socket,
     tun: &Arc<Tun>,
     greeting: &[u8],
     pod_addresses: &[IpAddr],
     peer_uid: u32,
+    link_key: Option<&crate::keys::LinkKey>,
 ) -> Result<()> {
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
@@ -414,8 +436,8 @@ async fn serve(
             _ = sigint.recv() => return Ok(()),
             _ = sigterm.recv() => return Ok(()),
         };
-        match cred {
-            Some((uid, _)) if uid == peer_uid => {}
+        let pid = match cred {
+            Some((uid, pid)) if uid == peer_uid => pid,
             Some((uid, pid)) => {
                 warn!(
                     "refused a connection on {} from pid {pid} (uid {uid}): only uid {peer_uid} may connect (--peer-uid)",
@@ -430,8 +452,13 @@ async fn serve(
                 );
                 continue;
             }
-        }
+        };
         let link = Arc::new(SeqPacket::new(sock)?);
+        // Blocking for at most a few seconds: nothing else runs until a peer is linked.
+        if let Some(Err(e)) = link_key.map(|key| link_auth::prove_cluster(&link, key)) {
+            warn!("refused a connection on {} from pid {pid}: {e:#}", describe(&listener));
+            continue;
+        }
         let capabilities = tun.capabilities();
         let params = LinkParams {
             tcp: capabilities.tcp,

@@ -30,7 +30,8 @@ use crate::proto::control::{
     encode_refusal, Hello, HelloDecoder, ServerGreeting, MAX_ADDRESSES_LEN, MAX_RESOLV_CONF_LEN, REFUSED_BUSY,
     REFUSED_NO_CLUSTER,
 };
-use crate::proto::link::LinkParams;
+use crate::proto::link::{AuthMessage, LinkParams};
+use crate::roles::link_auth;
 use crate::tunnel::{Transport, TunnelError};
 
 /// Everything `teletun server-external` needs, already validated by the CLI.
@@ -43,6 +44,11 @@ pub struct ServerExternalConfig {
     pub client_key: PinnedKey,
     /// server-cluster's AF_UNIX socket.
     pub sockfile: PathBuf,
+    /// The pair's link key: server-cluster must prove it holds it before its
+    /// greeting is believed.
+    pub link_key: Option<crate::keys::LinkKey>,
+    /// The only uid server-cluster may run as.
+    pub peer_uid: u32,
     /// UDP payload size the data plane assumes for the path to clients.
     pub path_mtu: usize,
     /// The data plane's transport.
@@ -239,22 +245,29 @@ pub async fn run(config: ServerExternalConfig) -> Result<()> {
 /// Connects to server-cluster (retrying until it is there), reads its
 /// greeting, and reconnects whenever the link is lost.
 async fn keep_cluster_connected(shared: Arc<Shared>) {
-    let mut announced = false;
+    // The last failure said, so that each new one is said once.
+    let mut announced: Option<String> = None;
     loop {
         if shared.cluster.borrow().is_none() {
-            match connect_cluster(&shared.config.sockfile).await {
+            match connect_cluster(shared.clone()).await {
                 Ok((link, hello)) => {
                     info!("server-cluster connected: {hello}");
-                    announced = false;
+                    announced = None;
                     shared.cluster.send_replace(Some((Arc::new(link), hello)));
                 }
-                Err(e) => {
-                    if !announced {
-                        info!(
-                            "waiting for server-cluster at {}: {e:#}",
-                            shared.config.sockfile.display()
-                        );
-                        announced = true;
+                Err(failure) => {
+                    let text = failure.to_string();
+                    if announced.as_deref() != Some(text.as_str()) {
+                        let at = shared.config.sockfile.display();
+                        match &failure {
+                            LinkFailure::Absent(e) => info!("waiting for server-cluster at {at}: {e:#}"),
+                            LinkFailure::Refused(e) => warn!("refused the server-cluster at {at}: {e:#}"),
+                        }
+                        announced = Some(text);
+                    }
+                    if matches!(failure, LinkFailure::Refused(_)) {
+                        // Another pair's server-cluster: not worth asking 5 times a second.
+                        tokio::time::sleep(Duration::from_secs(2)).await;
                     }
                 }
             }
@@ -272,35 +285,67 @@ async fn keep_cluster_connected(shared: Arc<Shared>) {
     }
 }
 
-/// Connects to server-cluster and reads its two first messages: the
-/// greeting, and the link parameters (what its TUN takes).
-async fn connect_cluster(path: &std::path::Path) -> Result<(SeqPacket, Hello)> {
-    let path = path.to_owned();
+/// Why no server-cluster is linked.
+#[derive(Debug, thiserror::Error)]
+enum LinkFailure {
+    /// Not there yet, or gone during its greeting.
+    #[error("{0:#}")]
+    Absent(anyhow::Error),
+    /// There, but not this pair's: another uid, or no proof of the link key.
+    #[error("{0:#}")]
+    Refused(anyhow::Error),
+}
+
+/// Connects to server-cluster, checks who it is (its uid, and with a link
+/// key its proof), and reads its two first messages: the greeting, and the
+/// link parameters (what its TUN takes).
+async fn connect_cluster(shared: Arc<Shared>) -> Result<(SeqPacket, Hello), LinkFailure> {
     tokio::task::spawn_blocking(move || {
-        let mut link = SeqPacket::connect(&path)?;
-        let mut buf = vec![0u8; MAX_ADDRESSES_LEN + MAX_RESOLV_CONF_LEN + 8];
-        let n = link
-            .recv_message(&mut buf, Duration::from_secs(5))
-            .context("no greeting from server-cluster")?;
-        if n == 0 {
-            return Err(anyhow!("server-cluster closed the socket before its greeting"));
+        let config = &shared.config;
+        let mut link = SeqPacket::connect(&config.sockfile).map_err(|e| LinkFailure::Absent(e.into()))?;
+        match link.peer_credentials() {
+            Ok((uid, _)) if uid == config.peer_uid => {}
+            Ok((uid, pid)) => {
+                return Err(LinkFailure::Refused(anyhow!(
+                    "it runs as uid {uid} (pid {pid}), but only uid {} may (--peer-uid)",
+                    config.peer_uid
+                )))
+            }
+            Err(e) => return Err(LinkFailure::Refused(anyhow!("its credentials are unknown: {e}"))),
         }
-        let hello = match HelloDecoder::new().feed(&buf[..n])? {
+        let mut buf = vec![0u8; MAX_ADDRESSES_LEN + MAX_RESOLV_CONF_LEN + 8];
+        let absent = |e: anyhow::Error| LinkFailure::Absent(e);
+        let mut n = link
+            .recv_message(&mut buf, Duration::from_secs(5))
+            .context("no greeting from server-cluster")
+            .map_err(absent)?;
+        if n > 0 && (config.link_key.is_some() || AuthMessage::is_auth(&buf[..n])) {
+            link_auth::prove_external(&link, &buf[..n], config.link_key.as_ref()).map_err(LinkFailure::Refused)?;
+            n = link
+                .recv_message(&mut buf, Duration::from_secs(5))
+                .context("no greeting from server-cluster")
+                .map_err(absent)?;
+        }
+        if n == 0 {
+            return Err(absent(anyhow!("server-cluster closed the socket before its greeting")));
+        }
+        let hello = match HelloDecoder::new().feed(&buf[..n]).map_err(|e| absent(e.into()))? {
             Some((ServerGreeting::Hello(h), used)) if used == n => h,
-            Some((ServerGreeting::Refused(why), _)) => return Err(anyhow!("server-cluster refused: {why}")),
-            _ => return Err(anyhow!("server-cluster sent a malformed greeting")),
+            Some((ServerGreeting::Refused(why), _)) => return Err(absent(anyhow!("server-cluster refused: {why}"))),
+            _ => return Err(absent(anyhow!("server-cluster sent a malformed greeting"))),
         };
         let n = link
             .recv_message(&mut buf, Duration::from_secs(5))
-            .map_err(|_| crate::proto::link::LinkError::NotLinkParams)?;
-        let params = LinkParams::decode(&buf[..n])?;
+            .map_err(|_| absent(crate::proto::link::LinkError::NotLinkParams.into()))?;
+        let params = LinkParams::decode(&buf[..n]).map_err(|e| absent(e.into()))?;
         link.set_peer_takes(Capabilities {
             tcp: params.tcp,
             udp: params.udp,
         });
         Ok((link, hello))
     })
-    .await?
+    .await
+    .unwrap_or_else(|e| Err(LinkFailure::Absent(e.into())))
 }
 
 async fn refuse<S: tokio::io::AsyncWrite + Unpin>(stream: &mut S, why: &str) -> Result<()> {

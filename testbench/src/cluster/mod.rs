@@ -33,7 +33,7 @@ use anyhow::{bail, Context, Result};
 pub use api::{BrokenKubeconfig, EXTERNAL_POD};
 pub use net::{NodeNet, Pod, HOME_WAN_IF};
 pub use plan::{HomeLan, Plan, ECHO_PORT, HTTP_PORT, SERVER_PORT};
-pub use servers::KeyName;
+pub use servers::{KeyName, Pair};
 pub use services::Service;
 
 use crate::exec::Background;
@@ -285,7 +285,7 @@ impl Cluster {
     /// connected to each other.
     pub fn start_servers(&mut self) -> Result<()> {
         self.start_server_cluster(None)?;
-        self.start_server_external()
+        self.start_server_external(Pair::This)
     }
 
     /// Starts server-cluster and waits for its takeover (and for server-external
@@ -303,12 +303,12 @@ impl Cluster {
         }
     }
 
-    /// Starts server-external on node1 (hostNetwork), and waits for it to link
-    /// up with server-cluster if that runs.
-    pub fn start_server_external(&mut self) -> Result<()> {
-        let p = servers::start_server_external(&self.teletun, &self.files, &self.node)?;
+    /// Starts server-external of `pair` on node1 (hostNetwork); this pair's
+    /// waits to link up with server-cluster if that runs.
+    pub fn start_server_external(&mut self, pair: Pair) -> Result<()> {
+        let p = servers::start_server_external(&self.teletun, &self.files, &self.node, pair)?;
         self.replace_process(p);
-        if self.running_mut("server-cluster").is_some() {
+        if pair == Pair::This && self.running_mut("server-cluster").is_some() {
             servers::wait_linked(self.process_mut("server-external")?, 0)?;
         }
         Ok(())

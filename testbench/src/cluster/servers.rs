@@ -26,6 +26,15 @@ closed_set! {
     }
 }
 
+/// Whose link key a server holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pair {
+    /// The cluster's own pair's.
+    This,
+    /// Another pair's on the same node.
+    Other,
+}
+
 /// What server-external logs when it links up with server-cluster.
 const LINKED: &str = "server-cluster connected";
 
@@ -37,13 +46,27 @@ pub struct Files {
 }
 
 impl Files {
-    /// Makes a key pair for each [`KeyName`], with `teletun keygen`'s own code.
+    /// Makes a key pair for each [`KeyName`] and a link key for this pair
+    /// and for another, with `teletun keygen`'s own code.
     pub fn make_keys(&self) -> Result<()> {
         for name in KeyName::ALL {
             teletun::keys::generate(&self.dir.join(name.as_str()))
                 .with_context(|| format!("cannot make the {name} key pair"))?;
         }
+        for pair in [Pair::This, Pair::Other] {
+            let path = self.link_key(pair);
+            let prefix = path.with_extension("");
+            teletun::keys::generate_link_key(&prefix).with_context(|| format!("cannot make {}", path.display()))?;
+        }
         Ok(())
+    }
+
+    /// The link key of this pair of servers, or of another pair's.
+    pub fn link_key(&self, pair: Pair) -> PathBuf {
+        self.dir.join(match pair {
+            Pair::This => "link.key",
+            Pair::Other => "other-link.key",
+        })
     }
 
     /// `DIR/NAME.key` (private) or `DIR/NAME.pub`.
@@ -79,22 +102,31 @@ pub fn start_server_cluster(teletun: &Path, files: &Files, pod: &Pod, resolv_con
         .arg(&resolv)
         // The pod's own directory (an emptyDir in Kubernetes), apart from the socket's.
         .arg("--state-dir")
-        .arg(files.state_dir());
+        .arg(files.state_dir())
+        .arg("--link-key")
+        .arg(files.link_key(Pair::This));
     let mut p = Background::spawn("server-cluster", cmd, &files.log("server-cluster"))?;
     p.wait_for_log("took over", Duration::from_secs(10))?;
     Ok(p)
 }
 
-/// Starts server-external on `node`; returns once it listens.
-pub fn start_server_external(teletun: &Path, files: &Files, node: &Netns) -> Result<Background> {
+/// Starts server-external of `pair` on `node`; returns once it listens.
+/// Another pair's has its own keys, port and name, and this pair's socket.
+pub fn start_server_external(teletun: &Path, files: &Files, node: &Netns, pair: Pair) -> Result<Background> {
+    let (name, port, server, client) = match pair {
+        Pair::This => ("server-external", SERVER_PORT, KeyName::Server, KeyName::Client),
+        Pair::Other => ("other-server-external", SERVER_PORT + 1, KeyName::Other, KeyName::Other),
+    };
     let mut cmd = node.cmd(teletun);
     cmd.arg("server-external")
-        .arg(format!("-port={SERVER_PORT}"))
-        .arg(format!("-server-pubkey={}", files.key(KeyName::Server, false)))
-        .arg(format!("-server-privkey={}", files.key(KeyName::Server, true)))
-        .arg(format!("-client-pubkey={}", files.key(KeyName::Client, false)))
-        .arg(format!("-sockfile={}", files.sockfile()));
-    let mut p = Background::spawn("server-external", cmd, &files.log("server-external"))?;
+        .arg(format!("-port={port}"))
+        .arg(format!("-server-pubkey={}", files.key(server, false)))
+        .arg(format!("-server-privkey={}", files.key(server, true)))
+        .arg(format!("-client-pubkey={}", files.key(client, false)))
+        .arg(format!("-sockfile={}", files.sockfile()))
+        .arg("--link-key")
+        .arg(files.link_key(pair));
+    let mut p = Background::spawn(name, cmd, &files.log(name))?;
     p.wait_for_log("listening on", Duration::from_secs(10))?;
     Ok(p)
 }

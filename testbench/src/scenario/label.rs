@@ -108,6 +108,9 @@ impl Step {
             Step::Throughput(s) => format!("throughput {} ({} s)", s.name, s.seconds),
             Step::Forge(s) => format!("{} forged packets {} are dropped", s.count, s.way),
             Step::PlantRecord(s) => format!("a planted takeover record ({}) is discarded", s.record),
+            Step::ConnectLink(s) if s.intruder == LinkIntruder::OtherPair => {
+                "another pair's server-external on the node never links up with this pair's server-cluster".into()
+            }
             Step::ConnectLink(s) => format!("an intruder ({}) on the AF_UNIX link gets nothing", s.intruder),
             Step::Counter(s) => format!("{} counts at least {} {}", s.process, s.at_least, s.counter),
             Step::ChangeAddress(ChangeAddress { host: Some(h) }) => {

@@ -65,6 +65,9 @@ closed_set! {
         Nobody = "nobody",
         /// A process of server-external's own uid, while server-external is connected.
         SameUid = "same-uid",
+        /// Another pair's server-external (its own keys and link key) on the
+        /// same node, while this pair's is stopped: refused on both ends.
+        OtherPair = "other-pair",
     }
 }
 
@@ -169,7 +172,9 @@ pub struct PlantRecord {
 
 /// Connect to server-cluster's AF_UNIX socket while server-external is
 /// linked; the intruder must get nothing (no greeting, no packets), and
-/// server-external's link must live on.
+/// server-external's link must live on. With `as = "other-pair"`, another
+/// pair's server-external tries while this pair's is stopped: both ends
+/// refuse, and this pair's links up again.
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ConnectLink {

@@ -1,20 +1,17 @@
 //! Hostile networks and peers: floods, forged packets, planted takeover
-//! records, intruders on the AF_UNIX link, and the counters that prove the
-//! roles noticed.
+//! records, and the counters that prove the roles noticed.
 
 use std::io::Read;
 use std::net::{IpAddr, SocketAddr, SocketAddrV4};
 use std::os::unix::fs::MetadataExt;
-use std::os::unix::process::CommandExt;
 use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 
 use super::super::case::Case;
 use super::super::schema::{
-    ConnectLink, Counter, FloodAim, FloodFrom, Forge, ForgeWay, LinkIntruder, PlantRecord, PlantedRecord, StartFlood,
-    StopFlood, Throughput,
+    Counter, FloodAim, FloodFrom, Forge, ForgeWay, PlantRecord, PlantedRecord, StartFlood, StopFlood, Throughput,
 };
 use crate::bench;
 use crate::cluster::SERVER_PORT;
@@ -366,60 +363,6 @@ pub fn plant_record(case: &mut Case, s: &PlantRecord) -> Result<()> {
         .trim_start_matches(':')
         .trim();
     case.detail = Some(format!("discarded: {why}"));
-    Ok(())
-}
-
-/// `connect-link`: an intruder on the AF_UNIX socket gets nothing.
-pub fn connect_link(case: &mut Case, s: &ConnectLink) -> Result<()> {
-    let went_away = |case: &mut Case| -> Result<usize> {
-        Ok(case
-            .cluster_mut()
-            .process_mut("server-external")?
-            .log_text()
-            .matches("went away")
-            .count())
-    };
-    let refusals = |case: &mut Case| -> Result<usize> {
-        Ok(case
-            .cluster_mut()
-            .process_mut("server-cluster")?
-            .log_text()
-            .matches("refused a second connection")
-            .count())
-    };
-    let (before, refused_before) = (went_away(case)?, refusals(case)?);
-    let cluster = case.cluster();
-    if !cluster.sockfile().exists() {
-        bail!("{} does not exist: nothing to intrude on", cluster.sockfile().display());
-    }
-    // A path socket needs no network namespace (and nobody may not enter one).
-    let mut c = std::process::Command::new(std::env::current_exe()?);
-    c.arg("agent").arg("link-probe").arg(cluster.sockfile());
-    if s.intruder == LinkIntruder::Nobody {
-        c.uid(65534).gid(65534);
-    }
-    let got = exec::run(c, Duration::from_secs(10))?;
-    let got = got.trim();
-    let expected = match s.intruder {
-        LinkIntruder::Nobody => got.starts_with("refused:") && got.contains("os error 13"),
-        LinkIntruder::SameUid => got == "closed",
-    };
-    if !expected {
-        bail!("the intruder's connection: {got}");
-    }
-    if s.intruder == LinkIntruder::SameUid {
-        let deadline = Instant::now() + Duration::from_secs(3);
-        while refusals(case)? == refused_before {
-            if Instant::now() > deadline {
-                bail!("server-cluster did not log the refused second connection");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-    if went_away(case)? != before {
-        bail!("server-external lost its link to server-cluster");
-    }
-    case.detail = Some(got.to_owned());
     Ok(())
 }
 

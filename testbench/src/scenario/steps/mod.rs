@@ -1,13 +1,14 @@
 //! What each step does, one file per family: `connectivity`, `dns`,
 //! `processes`, `changes` (to the cluster), `impairment`, `state` (of the
-//! laptop), `hostile` (floods, forgeries, intruders), `roaming` (the laptop's
-//! life: addresses, uplinks, NAT, sleep). [`perform`] sends each step kind to its function.
+//! laptop), `hostile` (floods, forgeries), `link` (intruders on the AF_UNIX
+//! link), `roaming` (the laptop's life: addresses, uplinks, NAT, sleep). [`perform`] sends each step kind to its function.
 
 mod changes;
 mod connectivity;
 mod dns;
 mod hostile;
 mod impairment;
+mod link;
 mod processes;
 mod roaming;
 mod state;
@@ -61,7 +62,7 @@ pub fn perform(case: &mut Case, step: &Step) -> Result<()> {
         Step::Throughput(s) => hostile::throughput(case, s),
         Step::Forge(s) => hostile::forge(case, s),
         Step::PlantRecord(s) => hostile::plant_record(case, s),
-        Step::ConnectLink(s) => hostile::connect_link(case, s),
+        Step::ConnectLink(s) => link::connect_link(case, s),
         Step::Counter(s) => hostile::counter(case, s),
         Step::ChangeAddress(s) => roaming::change_address(case, s),
         Step::SwitchUplink(s) => roaming::switch_uplink(case, s),

@@ -12,14 +12,14 @@ use super::super::schema::{
     StopClient, StopServer,
 };
 use super::super::values::{CrashPoint, KillMode, Role};
-use crate::cluster::ClientOptions;
+use crate::cluster::{ClientOptions, Pair};
 use crate::exec::{self, Background};
 
 /// `start-server`: one role alone.
 pub fn start_server(case: &mut Case, s: &StartServer) -> Result<()> {
     match s.role {
         Role::ServerCluster => case.cluster_mut().start_server_cluster(s.resolv_conf.as_deref())?,
-        Role::ServerExternal => case.cluster_mut().start_server_external()?,
+        Role::ServerExternal => case.cluster_mut().start_server_external(Pair::This)?,
     }
     if case.roaming.probe.is_some() {
         // A probe running across a restart times its first reply from here.
