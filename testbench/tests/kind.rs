@@ -51,7 +51,7 @@ fn without_docker_and_kind_it_stops_at_once() {
 #[test]
 fn deploy_manifests_are_kubernetes_objects() {
     use k8s_openapi::api::core::v1::Pod;
-    use k8s_openapi::api::rbac::v1::ClusterRole;
+    use k8s_openapi::api::rbac::v1::{ClusterRole, Role};
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/deploy");
     let text = std::fs::read_to_string(root.join("teletun-servers.yaml")).unwrap();
     let docs: Vec<serde_json::Value> = serde_saphyr::from_multiple(&text).expect("valid YAML");
@@ -112,14 +112,17 @@ fn deploy_manifests_are_kubernetes_objects() {
     let items: Vec<&str> = keys.items.iter().flatten().map(|i| i.key.as_str()).collect();
     assert_eq!(items, ["link.key"]);
     assert_eq!(keys.default_mode, Some(0o400));
-    let rbac: ClusterRole =
-        serde_saphyr::from_str(&std::fs::read_to_string(root.join("rbac.yaml")).unwrap()).expect("a ClusterRole");
-    let verbs: Vec<&String> = rbac
-        .rules
-        .as_ref()
-        .unwrap()
-        .iter()
-        .flat_map(|r| r.verbs.iter())
-        .collect();
+    // The client's roles: ClusterRoles, and a Role for the servers' pod.
+    let docs: Vec<serde_json::Value> =
+        serde_saphyr::from_multiple(&std::fs::read_to_string(root.join("rbac.yaml")).unwrap()).expect("valid YAML");
+    let mut verbs = Vec::new();
+    for doc in docs.into_iter().filter(|d| !d.is_null()) {
+        let rules = match doc["kind"].as_str() {
+            Some("ClusterRole") => serde_json::from_value::<ClusterRole>(doc).expect("a ClusterRole").rules,
+            Some("Role") => serde_json::from_value::<Role>(doc).expect("a Role").rules,
+            other => panic!("rbac.yaml holds a {other:?}"),
+        };
+        verbs.extend(rules.unwrap().into_iter().flat_map(|r| r.verbs));
+    }
     assert!(verbs.iter().any(|v| *v == "watch"), "the client watches");
 }

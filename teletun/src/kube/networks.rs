@@ -1,8 +1,8 @@
 //! The cluster's address ranges, kept live with watches: nodes' `podCIDRs`,
 //! `ServiceCIDR` objects where the API serves them, and for whatever those do
-//! not cover, every pod IP and service cluster IP as a host route (the seed's
-//! "all cluster IPs"). Pods on the host network have node addresses, never
-//! routed.
+//! not cover, every service cluster IP and — only where a node carries no
+//! podCIDRs — every pod IP as a host route (the seed's "all cluster IPs").
+//! Pods on the host network have node addresses, never routed.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
@@ -17,7 +17,7 @@ use kube::api::{ListParams, WatchParams};
 use kube::runtime::watcher::{self, Event};
 use kube::{Api, Resource, ResourceExt};
 use tokio::sync::watch;
-use tracing::warn;
+use tracing::{info, warn};
 
 use super::Kube;
 
@@ -215,6 +215,45 @@ where
     }
 }
 
+/// Whether pods must be watched: only where a node carries no podCIDRs is
+/// each pod's address routed, which takes reading every namespace's pods
+/// (their specs too: env values, args), a permission a user should not need
+/// where the nodes say their networks. Said when it is so.
+async fn pods_needed(kube: &Kube) -> Result<bool> {
+    let nodes: Api<Node> = Api::all(kube.client.clone());
+    let listed = nodes
+        .list(&ListParams::default())
+        .await
+        .map_err(|e| kube.explain(e, "list", "nodes", None))?;
+    let bare = nodes_without_pod_cidrs(&listed.items);
+    if bare.is_empty() && !listed.items.is_empty() {
+        return Ok(false);
+    }
+    info!(
+        "{}: routing each pod's address, which needs list and watch of pods cluster-wide",
+        if listed.items.is_empty() {
+            "the cluster lists no nodes".to_owned()
+        } else {
+            format!(
+                "{} of {} nodes carry no podCIDRs ({})",
+                bare.len(),
+                listed.items.len(),
+                bare.join(", ")
+            )
+        }
+    );
+    Ok(true)
+}
+
+/// The names of the nodes whose spec names no pod network.
+fn nodes_without_pod_cidrs(nodes: &[Node]) -> Vec<String> {
+    nodes
+        .iter()
+        .filter(|n| n.networks().is_empty())
+        .map(|n| n.name_any())
+        .collect()
+}
+
 fn stream_of<K>(kube: &Kube) -> impl Stream<Item = Result<Change, watcher::Error>> + Send + 'static
 where
     K: Addresses,
@@ -229,15 +268,18 @@ where
 /// so until it is aborted.
 pub async fn watch(kube: &Kube) -> Result<(watch::Receiver<BTreeSet<IpNet>>, tokio::task::JoinHandle<()>)> {
     probe::<Node>(kube, "nodes", false).await?;
-    probe::<Pod>(kube, "pods", false).await?;
+    let with_pods = pods_needed(kube).await?;
+    if with_pods {
+        probe::<Pod>(kube, "pods", false).await?;
+    }
     probe::<Service>(kube, "services", false).await?;
     let with_cidrs = probe::<ServiceCIDR>(kube, "servicecidrs.networking.k8s.io", true).await?;
-    let mut streams = vec![
-        stream_of::<Node>(kube).boxed(),
-        stream_of::<Pod>(kube).boxed(),
-        stream_of::<Service>(kube).boxed(),
-    ];
-    let mut kinds = vec![Kind::Node, Kind::Pod, Kind::Service];
+    let mut streams = vec![stream_of::<Node>(kube).boxed(), stream_of::<Service>(kube).boxed()];
+    let mut kinds = vec![Kind::Node, Kind::Service];
+    if with_pods {
+        streams.push(stream_of::<Pod>(kube).boxed());
+        kinds.push(Kind::Pod);
+    }
     if with_cidrs {
         streams.push(stream_of::<ServiceCIDR>(kube).boxed());
         kinds.push(Kind::ServiceCidr);
@@ -281,7 +323,7 @@ pub async fn watch(kube: &Kube) -> Result<(watch::Receiver<BTreeSet<IpNet>>, tok
         _ => {
             task.abort();
             Err(anyhow!(
-                "the Kubernetes API at {} did not list nodes, pods and services within {} s",
+                "the Kubernetes API at {} did not list the cluster's nodes, services and pods within {} s",
                 kube.url,
                 FIRST_LIST_TIMEOUT.as_secs()
             ))
@@ -365,6 +407,18 @@ mod tests {
         );
         inv.apply(Change::of(Event::Delete(pod("b", &["10.250.0.9"], false))));
         assert!(!inv.networks().contains(&"10.250.0.9/32".parse().unwrap()));
+    }
+
+    #[test]
+    fn only_nodes_without_pod_cidrs_make_pods_needed() {
+        let nodes = [node("a", &["10.244.1.0/24"]), node("b", &[]), node("c", &["junk"])];
+        assert_eq!(nodes_without_pod_cidrs(&nodes), ["b", "c"]);
+        assert!(nodes_without_pod_cidrs(&nodes[..1]).is_empty());
+        let bare = Node {
+            metadata: meta("d"),
+            ..Default::default()
+        };
+        assert_eq!(nodes_without_pod_cidrs(&[bare]), ["d"]);
     }
 
     #[test]

@@ -157,8 +157,17 @@ impl ClusterApi {
             &node_ip,
         ))?;
         cp.apply(&pod_spec("teletun-pending", "default", &node.name, true))?;
+        // A node whose kubelet reports no address still has its pod network
+        // (node 200's), as kube-controller-manager would have assigned it.
+        let spare = api
+            .node_pod_cidrs
+            .then(|| plan.pod_cidrs(200).iter().map(|c| c.to_string()).collect::<Vec<_>>());
         cp.apply(&Node {
             metadata: meta("node-without-address", None),
+            spec: Some(NodeSpec {
+                pod_cidrs: spare,
+                ..Default::default()
+            }),
             ..Default::default()
         })?;
         cp.apply(&pod_spec("teletun-nowhere", "default", "node-without-address", true))?;

@@ -1,7 +1,8 @@
-//! The client's RBAC, as a user's cluster admin would grant it: the
-//! ClusterRole of `docs/deploy/rbac.yaml` (whole, or with permissions taken
-//! out for the tests that prove each one is needed), bound to a
-//! ServiceAccount, and a kubeconfig with that account's token.
+//! The client's RBAC, as a user's cluster admin would grant it: the roles
+//! of `docs/deploy/rbac.yaml` (ClusterRoles, and a Role in `default`; whole,
+//! or with permissions taken out for the tests that prove each one is
+//! needed), bound to a ServiceAccount, and a kubeconfig with that account's
+//! token.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -15,8 +16,11 @@ use super::{kubeconfig_text, write, ControlPlane, CLIENT_USER};
 const ACCOUNT: &str = "teletun-client";
 /// The manifest users apply.
 const ROLE_YAML: &str = include_str!("../../../docs/deploy/rbac.yaml");
+/// Where the servers run, and so the Role's namespace.
+const NAMESPACE: &str = "default";
 
-/// One permission of the client's role: a verb on a resource of a group.
+/// One permission of the client's roles: a verb on a resource of a group,
+/// cluster-wide or in the Role's namespace.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Permission {
     /// get, list, watch.
@@ -25,6 +29,8 @@ pub struct Permission {
     pub resource: String,
     /// Its API group ("" for core).
     pub group: String,
+    /// The namespace of a Role's permission; `None` for a ClusterRole's.
+    pub namespace: Option<String>,
 }
 
 impl std::fmt::Display for Permission {
@@ -33,13 +39,26 @@ impl std::fmt::Display for Permission {
     }
 }
 
-/// The role in `docs/deploy/rbac.yaml`, as JSON.
-fn role() -> Result<Value> {
-    let role: Value = serde_saphyr::from_str(ROLE_YAML).context("docs/deploy/rbac.yaml is not valid YAML")?;
-    if role["kind"] != "ClusterRole" || role["metadata"]["name"].as_str().is_none() {
-        bail!("docs/deploy/rbac.yaml must hold one named ClusterRole");
+/// The roles in `docs/deploy/rbac.yaml`, as JSON: named ClusterRoles, and
+/// Roles in the servers' namespace.
+fn roles() -> Result<Vec<Value>> {
+    let docs: Vec<Value> = serde_saphyr::from_multiple(ROLE_YAML).context("docs/deploy/rbac.yaml is not valid YAML")?;
+    let roles: Vec<Value> = docs.into_iter().filter(|d| !d.is_null()).collect();
+    for role in &roles {
+        let named = role["metadata"]["name"].as_str().is_some();
+        let scoped = match role["kind"].as_str() {
+            Some("ClusterRole") => role["metadata"]["namespace"].is_null(),
+            Some("Role") => role["metadata"]["namespace"] == NAMESPACE,
+            _ => false,
+        };
+        if !named || !scoped {
+            bail!("docs/deploy/rbac.yaml must hold only named ClusterRoles and Roles in namespace {NAMESPACE}");
+        }
     }
-    Ok(role)
+    if roles.is_empty() {
+        bail!("docs/deploy/rbac.yaml holds no role");
+    }
+    Ok(roles)
 }
 
 fn strings(v: &Value) -> Vec<String> {
@@ -48,11 +67,11 @@ fn strings(v: &Value) -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// Every permission the role grants, in its order.
-pub fn permissions() -> Result<Vec<Permission>> {
-    let role = role()?;
+/// The permissions one role grants, in its order.
+fn permissions_of(role: &Value) -> Result<Vec<Permission>> {
+    let namespace = role["metadata"]["namespace"].as_str().map(str::to_owned);
     let mut all = Vec::new();
-    for rule in role["rules"].as_array().context("the role has no rules")? {
+    for rule in role["rules"].as_array().context("a role has no rules")? {
         // Rules this parser would misread are refused, not narrowed silently.
         let groups = strings(&rule["apiGroups"]);
         if groups.len() != 1 || !rule["resourceNames"].is_null() || !rule["nonResourceURLs"].is_null() {
@@ -65,6 +84,7 @@ pub fn permissions() -> Result<Vec<Permission>> {
                     verb,
                     resource: resource.clone(),
                     group: group.clone(),
+                    namespace: namespace.clone(),
                 });
             }
         }
@@ -72,7 +92,22 @@ pub fn permissions() -> Result<Vec<Permission>> {
     Ok(all)
 }
 
-/// The permission named `text` ("VERB RESOURCE"), which the role must grant.
+/// Every permission the roles grant, in their order; each "VERB RESOURCE"
+/// once, so that a step can name it.
+pub fn permissions() -> Result<Vec<Permission>> {
+    let mut all: Vec<Permission> = Vec::new();
+    for role in roles()? {
+        for p in permissions_of(&role)? {
+            if all.iter().any(|q| q.to_string() == p.to_string()) {
+                bail!("docs/deploy/rbac.yaml grants {p} twice");
+            }
+            all.push(p);
+        }
+    }
+    Ok(all)
+}
+
+/// The permission named `text` ("VERB RESOURCE"), which a role must grant.
 fn permission(text: &str) -> Result<Permission> {
     let all = permissions()?;
     all.iter()
@@ -87,24 +122,27 @@ fn permission(text: &str) -> Result<Permission> {
         })
 }
 
-/// The role without the permissions in `without`: one rule per resource.
-fn role_without(without: &[Permission]) -> Result<Value> {
-    let mut role = role()?;
-    let mut rules: Vec<Value> = Vec::new();
-    for p in permissions()? {
-        if without.contains(&p) {
-            continue;
+/// The roles without the permissions in `without`: one rule per resource.
+fn roles_without(without: &[Permission]) -> Result<Vec<Value>> {
+    let mut out = Vec::new();
+    for mut role in roles()? {
+        let mut rules: Vec<Value> = Vec::new();
+        for p in permissions_of(&role)? {
+            if without.contains(&p) {
+                continue;
+            }
+            match rules
+                .iter_mut()
+                .find(|r| r["apiGroups"][0] == p.group.as_str() && r["resources"][0] == p.resource.as_str())
+            {
+                Some(rule) => rule["verbs"].as_array_mut().expect("built here").push(json!(p.verb)),
+                None => rules.push(json!({"apiGroups": [p.group], "resources": [p.resource], "verbs": [p.verb]})),
+            }
         }
-        match rules
-            .iter_mut()
-            .find(|r| r["apiGroups"][0] == p.group.as_str() && r["resources"][0] == p.resource.as_str())
-        {
-            Some(rule) => rule["verbs"].as_array_mut().expect("built here").push(json!(p.verb)),
-            None => rules.push(json!({"apiGroups": [p.group], "resources": [p.resource], "verbs": [p.verb]})),
-        }
+        role["rules"] = json!(rules);
+        out.push(role);
     }
-    role["rules"] = json!(rules);
-    Ok(role)
+    Ok(out)
 }
 
 impl ControlPlane {
@@ -131,25 +169,39 @@ impl ControlPlane {
         )
     }
 
-    /// Binds the client's account to the role of `docs/deploy/rbac.yaml` less
-    /// the permissions named in `without` ("VERB RESOURCE"), and waits until
-    /// the API's authorizer answers accordingly for every permission.
+    /// Binds the client's account to the roles of `docs/deploy/rbac.yaml`
+    /// less the permissions named in `without` ("VERB RESOURCE"), and waits
+    /// until the API's authorizer answers accordingly for every permission.
     pub fn set_client_role(&self, without: &[String]) -> Result<()> {
         let without: Vec<Permission> = without.iter().map(|t| permission(t)).collect::<Result<_>>()?;
-        let role = role_without(&without)?;
-        let name = role["metadata"]["name"].as_str().expect("checked in role()").to_owned();
-        self.apply_json(
-            &format!("/apis/rbac.authorization.k8s.io/v1/clusterroles/{name}"),
-            serde_json::to_vec(&role)?,
-        )?;
-        let binding = json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
-            "metadata": {"name": ACCOUNT},
-            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": name},
-            "subjects": [{"kind": "ServiceAccount", "name": ACCOUNT, "namespace": "default"}]});
-        self.apply_json(
-            &format!("/apis/rbac.authorization.k8s.io/v1/clusterrolebindings/{ACCOUNT}"),
-            binding.to_string().into_bytes(),
-        )?;
+        let subjects = json!([{"kind": "ServiceAccount", "name": ACCOUNT, "namespace": NAMESPACE}]);
+        for role in roles_without(&without)? {
+            let name = role["metadata"]["name"]
+                .as_str()
+                .expect("checked in roles()")
+                .to_owned();
+            let kind = role["kind"].as_str().expect("checked in roles()").to_owned();
+            let (roles, bindings) = match role["metadata"]["namespace"].as_str() {
+                None => (
+                    "/apis/rbac.authorization.k8s.io/v1/clusterroles".to_owned(),
+                    "/apis/rbac.authorization.k8s.io/v1/clusterrolebindings".to_owned(),
+                ),
+                Some(ns) => (
+                    format!("/apis/rbac.authorization.k8s.io/v1/namespaces/{ns}/roles"),
+                    format!("/apis/rbac.authorization.k8s.io/v1/namespaces/{ns}/rolebindings"),
+                ),
+            };
+            self.apply_json(&format!("{roles}/{name}"), serde_json::to_vec(&role)?)?;
+            let mut binding = json!({"apiVersion": "rbac.authorization.k8s.io/v1",
+                "kind": format!("{kind}Binding"),
+                "metadata": {"name": name},
+                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": kind, "name": name},
+                "subjects": subjects});
+            if let Some(ns) = role["metadata"]["namespace"].as_str() {
+                binding["metadata"]["namespace"] = json!(ns);
+            }
+            self.apply_json(&format!("{bindings}/{name}"), binding.to_string().into_bytes())?;
+        }
         // The authorizer learns of RBAC changes from its own watch: wait for it.
         let deadline = Instant::now() + Duration::from_secs(10);
         'again: loop {
@@ -175,7 +227,8 @@ impl ControlPlane {
         let review = json!({"apiVersion": "authorization.k8s.io/v1", "kind": "SubjectAccessReview",
             "spec": {"user": CLIENT_USER,
                      "groups": ["system:serviceaccounts", "system:serviceaccounts:default", "system:authenticated"],
-                     "resourceAttributes": {"verb": p.verb, "group": p.group, "resource": p.resource}}});
+                     "resourceAttributes": {"verb": p.verb, "group": p.group, "resource": p.resource,
+                                            "namespace": p.namespace.as_deref().unwrap_or("")}}});
         let answer = self.post("/apis/authorization.k8s.io/v1/subjectaccessreviews", &review)?;
         Ok(answer["status"]["allowed"].as_bool().unwrap_or(false))
     }
@@ -192,12 +245,17 @@ mod tests {
         assert!(all
             .iter()
             .any(|p| p.to_string() == "list servicecidrs" && p.group == "networking.k8s.io"));
+        let get = permission("get pods").unwrap();
+        assert_eq!(
+            get.namespace.as_deref(),
+            Some(NAMESPACE),
+            "the servers' pod, in their namespace only"
+        );
         let without = [permission("watch pods").unwrap()];
-        let role = role_without(&without).unwrap();
-        let granted: usize = role["rules"]
-            .as_array()
+        let granted: usize = roles_without(&without)
             .unwrap()
             .iter()
+            .flat_map(|role| role["rules"].as_array().unwrap().iter())
             .map(|r| r["verbs"].as_array().unwrap().len())
             .sum();
         assert_eq!(granted, all.len() - 1);
