@@ -228,6 +228,17 @@ impl ClusterApi {
         Ok(())
     }
 
+    /// Publishes a running pod on node1 whose status claims `ips`, with no
+    /// pod network behind it.
+    pub fn put_claimed_pod(&self, name: &str, ips: &[std::net::IpAddr], node: &NodeNet) -> Result<()> {
+        let ns = pod_namespace(name);
+        self.control_plane.apply(&pod_spec(name, ns, &node.name, false))?;
+        let ips: Vec<String> = ips.iter().map(ToString::to_string).collect();
+        self.control_plane
+            .apply_status(&running(name, ns, &ips, &node.ip().to_string()))?;
+        Ok(())
+    }
+
     /// Creates a service; returns the cluster IP the API allocated, or the
     /// one `requested` (the DNS service asks for the service network's tenth
     /// address, as kubeadm does).

@@ -116,6 +116,12 @@ impl Cluster {
         Ok(())
     }
 
+    /// Publishes a pod object claiming `ips` (nothing behind it).
+    pub fn claim_pod(&self, name: &str, ips: &[std::net::IpAddr]) -> Result<()> {
+        let node = self.node_net(1)?;
+        self.api()?.put_claimed_pod(name, ips, node)
+    }
+
     /// Removes a pod: its processes and its namespace (and so its veth).
     pub fn remove_pod(&mut self, name: &str) -> Result<()> {
         let i = self

@@ -61,6 +61,11 @@ impl Step {
             }
             Step::AddPod(AddPod { name, node: None }) => format!("add pod {name}"),
             Step::AddPod(AddPod { name, node: Some(n) }) => format!("add pod {name} on {n}"),
+            Step::ClaimPod(s) => format!(
+                "the API claims pod {} at {}",
+                s.name,
+                s.ips.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+            ),
             Step::AddNode(_) => "add a node".into(),
             Step::RemoveNode(s) => format!("remove {}", s.name),
             Step::UseCluster(s) => format!("use cluster {}", s.name),

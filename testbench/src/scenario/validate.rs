@@ -301,6 +301,10 @@ pub fn check(topology: &Topology, steps: &[Step], profiles: &BTreeSet<String>) -
                 "cidr",
                 format!("{:?} is not an IPv4 network (like 10.100.0.0/24)", s.cidr),
             ),
+            Step::ClaimPod(_) if !topology.kubernetes => problem(
+                "do",
+                "claim-pod needs a Kubernetes API; set [topology] kubernetes = true".into(),
+            ),
             Step::ClientRole(_) if !topology.kubernetes => problem(
                 "do",
                 "client-role needs a Kubernetes API; set [topology] kubernetes = true".into(),

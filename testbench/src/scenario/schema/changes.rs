@@ -16,6 +16,18 @@ pub struct AddPod {
     pub node: Option<String>,
 }
 
+/// Publish a pod object whose status claims `ips` (a broken or hostile
+/// cluster: any address, public ones too), with nothing behind it: the
+/// client must route none of them that is not a cluster's to route.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ClaimPod {
+    /// Its name.
+    pub name: String,
+    /// The addresses its `status.podIPs` claims.
+    pub ips: Vec<std::net::IpAddr>,
+}
+
 /// Remove a pod with its DNS name and API object.
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]

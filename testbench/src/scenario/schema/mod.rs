@@ -123,6 +123,7 @@ steps! {
     "resolve" => Resolve,
     "lookup-latency" => LookupLatency,
     "add-pod" => AddPod,
+    "claim-pod" => ClaimPod,
     "remove-pod" => RemovePod,
     "add-service" => AddService,
     "remove-service" => RemoveService,

@@ -6,12 +6,17 @@ use anyhow::{Context, Result};
 
 use super::super::case::Case;
 use super::super::schema::{
-    AddPod, AddService, AddServiceCidr, ClientRole, RemoveNode, RemovePod, RemoveService, UseCluster,
+    AddPod, AddService, AddServiceCidr, ClaimPod, ClientRole, RemoveNode, RemovePod, RemoveService, UseCluster,
 };
 
 /// `add-pod`.
 pub fn add_pod(case: &mut Case, s: &AddPod) -> Result<()> {
     case.cluster_mut().add_app_pod(&s.name, s.node.as_deref())
+}
+
+/// `claim-pod`.
+pub fn claim_pod(case: &mut Case, s: &ClaimPod) -> Result<()> {
+    case.cluster().claim_pod(&s.name, &s.ips)
 }
 
 /// `remove-pod`.

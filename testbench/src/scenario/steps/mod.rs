@@ -43,6 +43,7 @@ pub fn perform(case: &mut Case, step: &Step) -> Result<()> {
         Step::Resolve(s) => dns::resolve(case, s),
         Step::LookupLatency(s) => dns::lookup_latency(case, s),
         Step::AddPod(s) => changes::add_pod(case, s),
+        Step::ClaimPod(s) => changes::claim_pod(case, s),
         Step::RemovePod(s) => changes::remove_pod(case, s),
         Step::AddService(s) => changes::add_service(case, s),
         Step::RemoveService(s) => changes::remove_service(case, s),
