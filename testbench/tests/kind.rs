@@ -69,8 +69,17 @@ fn deploy_manifests_are_kubernetes_objects() {
         "server-external must be reachable at its node's address"
     );
     let cluster = pods[1].spec.as_ref().unwrap();
+    // Not privileged: NET_ADMIN alone (the testbench runs server-cluster so).
     let security = cluster.containers[0].security_context.as_ref().unwrap();
-    assert_eq!(security.privileged, Some(true), "server-cluster writes net sysctls");
+    assert_eq!(security.privileged, None, "server-cluster is not privileged");
+    let capabilities = security.capabilities.as_ref().unwrap();
+    assert_eq!(capabilities.drop.as_deref(), Some(&["ALL".to_owned()][..]));
+    assert_eq!(capabilities.add.as_deref(), Some(&["NET_ADMIN".to_owned()][..]));
+    assert_eq!(security.allow_privilege_escalation, Some(false));
+    assert!(
+        !text.contains("privileged: true"),
+        "no container of the servers is privileged"
+    );
     let affinity = cluster
         .affinity
         .as_ref()

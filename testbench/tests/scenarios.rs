@@ -92,6 +92,11 @@ fn connectivity() {
 }
 
 #[test]
+fn server_cluster_needs_no_privilege_but_net_admin() {
+    run_scenario("least-privilege.toml");
+}
+
+#[test]
 fn pods_and_services_come_and_go() {
     run_scenario("cluster-changes.toml");
 }

@@ -158,6 +158,31 @@ impl Netlink {
             .with_context(|| format!("cannot set gso_max_segs {segments} on interface {index}"))
     }
 
+    /// Sets one IPv4 parameter of interface `index` (`net.ipv4.conf.IFACE.*`,
+    /// by its `IPV4_DEVCONF_*` number) over netlink: what works where
+    /// /proc/sys is read-only (an unprivileged container). The kernel takes
+    /// only the parameters named (`IFLA_INET_CONF` holds (number, value) pairs).
+    pub async fn set_ipv4_devconf(&self, index: u32, param: u16, value: u32) -> Result<()> {
+        use rtnetlink::packet_core::DefaultNla;
+        use rtnetlink::packet_route::link::{AfSpecInet, AfSpecUnspec, LinkAttribute};
+        /// `IFLA_INET_CONF`, inside `IFLA_AF_SPEC`'s `AF_INET`.
+        const IFLA_INET_CONF: u16 = 1;
+        let mut pair = Vec::with_capacity(8);
+        pair.extend_from_slice(&8u16.to_ne_bytes());
+        pair.extend_from_slice(&param.to_ne_bytes());
+        pair.extend_from_slice(&value.to_ne_bytes());
+        let conf = AfSpecInet::Other(DefaultNla::new(IFLA_INET_CONF, pair));
+        let mut msg = rtnetlink::LinkUnspec::new_with_index(index).build();
+        msg.attributes
+            .push(LinkAttribute::AfSpecUnspec(vec![AfSpecUnspec::Inet(vec![conf])]));
+        self.handle
+            .link()
+            .set(msg)
+            .execute()
+            .await
+            .with_context(|| format!("cannot set IPv4 parameter {param} to {value} on interface {index}"))
+    }
+
     /// Sets interface `index`'s MTU.
     pub async fn set_mtu(&self, index: u32, mtu: u32) -> Result<()> {
         let msg = rtnetlink::LinkUnspec::new_with_index(index).mtu(mtu).build();

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use ipnet::IpNet;
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::{info, warn};
@@ -83,7 +83,7 @@ impl Takeover {
     async fn take(&self, step: &Step) -> Result<()> {
         let (netlink, iface, tun) = (&self.netlink, self.interface_index, self.tun_index);
         match step {
-            Step::Set { sysctl, value } => write_sysctl(sysctl, &value.to_string()),
+            Step::Set { sysctl, value } => set_sysctl(netlink, sysctl, &value.to_string(), &[iface, tun]).await,
             Step::TunTable => netlink.add_route_in("0.0.0.0/0".parse()?, tun, TAKEOVER_TABLE).await,
             Step::SteerRule { to } => {
                 netlink
@@ -138,14 +138,75 @@ fn read_sysctl(s: &Sysctl) -> Result<String> {
         .to_owned())
 }
 
-fn write_sysctl(s: &Sysctl, value: &str) -> Result<()> {
+/// `IPV4_DEVCONF_*` numbers (include/uapi/linux/ip.h) of the parameters set.
+const DEVCONF_FORWARDING: u16 = 1;
+const DEVCONF_PROXY_ARP: u16 = 3;
+const DEVCONF_RP_FILTER: u16 = 8;
+const DEVCONF_ACCEPT_LOCAL: u16 = 23;
+
+/// Sets `s` to `value`. Nothing to do if it is so already (the pod's
+/// `securityContext.sysctls` may have set it); else through /proc/sys, or
+/// where that is read-only (runc mounts it so in an unprivileged container)
+/// through netlink, which takes IPv4's interface parameters.
+/// `forwarding_links`: the interfaces whose own forwarding stands in for
+/// `net.ipv4.ip_forward` then.
+async fn set_sysctl(netlink: &Netlink, s: &Sysctl, value: &str, forwarding_links: &[u32]) -> Result<()> {
+    // (Not ip_forward: read-only, it stands for the interfaces' own, which it does not show.)
+    if *s != Sysctl::IpForward && read_sysctl(s).is_ok_and(|now| now == value) {
+        return Ok(());
+    }
     let path = s.path();
-    std::fs::write(&path, value).with_context(|| {
-        format!(
-            "cannot set {} to {value} (needs CAP_NET_ADMIN in this network namespace)",
+    match std::fs::write(&path, value) {
+        Err(e) if e.raw_os_error() == Some(libc::EROFS) => set_by_netlink(netlink, s, value, forwarding_links).await,
+        r => r.with_context(|| {
+            format!(
+                "cannot set {} to {value} (needs CAP_NET_ADMIN in this network namespace)",
+                path.display()
+            )
+        }),
+    }
+}
+
+async fn set_by_netlink(netlink: &Netlink, s: &Sysctl, value: &str, forwarding_links: &[u32]) -> Result<()> {
+    let path = s.path();
+    let number: u32 = value
+        .parse()
+        .with_context(|| format!("{} cannot be set to {value:?} over netlink", path.display()))?;
+    let (param, links) = match s {
+        Sysctl::IpForward => (DEVCONF_FORWARDING, forwarding_links.to_vec()),
+        Sysctl::ProxyArp(i) | Sysctl::AcceptLocal(i) | Sysctl::RpFilter(i) => {
+            let index = netlink
+                .link_index(i)
+                .await?
+                .with_context(|| format!("no interface {i} to set {} on", path.display()))?;
+            let param = match s {
+                Sysctl::ProxyArp(_) => DEVCONF_PROXY_ARP,
+                Sysctl::AcceptLocal(_) => DEVCONF_ACCEPT_LOCAL,
+                _ => DEVCONF_RP_FILTER,
+            };
+            (param, vec![index])
+        }
+        Sysctl::ProxyDelay(_) => {
+            // Netlink has it only in the neighbour table; answering late is no failure.
+            warn!(
+                "cannot set {} to {value} (/proc/sys is read-only): proxy ARP answers for the pod's address may wait up to 0.8 s",
+                path.display()
+            );
+            return Ok(());
+        }
+        Sysctl::Ipv6Forwarding | Sysctl::ProxyNdp(_) => bail!(
+            "cannot set {} to {value}: /proc/sys is read-only here (an unprivileged container) and the kernel takes IPv6's parameters nowhere else; set it in the pod's securityContext.sysctls (docs/deploy/teletun-servers.yaml says how)",
             path.display()
-        )
-    })
+        ),
+    };
+    for index in links {
+        netlink.set_ipv4_devconf(index, param, number).await?;
+    }
+    // The global ip_forward stays as it was; the interfaces' own were set.
+    if *s != Sysctl::IpForward && read_sysctl(s)? != value {
+        bail!("{} is still not {value} after setting it over netlink", path.display());
+    }
+    Ok(())
 }
 
 fn remove_if_present(path: &Path) -> Result<()> {
@@ -162,7 +223,7 @@ async fn undo_record(netlink: &Netlink, record: &Record, index: u32) -> Result<(
     for u in undo(&record.done) {
         match u {
             Undo::Set { sysctl, value } => {
-                if let Err(e) = write_sysctl(&sysctl, &value) {
+                if let Err(e) = set_sysctl(netlink, &sysctl, &value, &[index]).await {
                     warn!("{e:#}");
                 }
             }

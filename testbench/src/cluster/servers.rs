@@ -90,12 +90,32 @@ impl Files {
     }
 }
 
+/// The pod's sysctls (`securityContext.sysctls` in docs/deploy), which the
+/// container runtime sets before server-cluster starts: what IPv6 takes
+/// only through /proc/sys.
+pub const POD_SYSCTLS: [(&str, &str); 2] = [
+    ("net.ipv6.conf.all.forwarding", "1"),
+    ("net.ipv6.conf.eth0.proxy_ndp", "1"),
+];
+
 /// Starts server-cluster in `pod` with `resolv_conf` as the pod's resolv.conf;
-/// returns once it has taken over the pod's addresses.
+/// returns once it has taken over the pod's addresses. It runs as the
+/// manifest's unprivileged container does: /proc/sys read-only (as runc
+/// mounts it), no capability but `NET_ADMIN`, the pod's sysctls set first.
 pub fn start_server_cluster(teletun: &Path, files: &Files, pod: &Pod, resolv_conf: &str) -> Result<Background> {
     let resolv = files.dir.join("pod-resolv.conf");
     std::fs::write(&resolv, resolv_conf)?;
-    let mut cmd = pod.ns.cmd(teletun);
+    for (key, value) in POD_SYSCTLS {
+        pod.ns.sysctl(key, value)?;
+    }
+    // `ip netns exec` runs it in a mount namespace of its own: the read-only
+    // /proc/sys is this process tree's alone.
+    let mut cmd = pod.ns.cmd("sh");
+    cmd.args([
+        "-c",
+        "mount --bind /proc/sys /proc/sys && mount -o remount,bind,ro /proc/sys && exec setpriv --bounding-set=-all,+net_admin -- \"$0\" \"$@\"",
+    ])
+    .arg(teletun);
     cmd.arg("server-cluster")
         .arg(format!("-sockfile={}", files.sockfile()))
         .arg("--resolv-conf")
