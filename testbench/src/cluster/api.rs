@@ -323,6 +323,11 @@ impl ClusterApi {
         self.control_plane.set_client_role(without)
     }
 
+    /// Dry runs of `docs/deploy/`'s server pods under each Pod Security level.
+    pub fn pod_security(&self) -> Result<Vec<crate::controlplane::podsecurity::Verdict>> {
+        self.control_plane.pod_security()
+    }
+
     /// Compacts etcd and restarts kube-apiserver; waits until the client
     /// listed every kind it watches again (its watches got 410 Gone). Returns
     /// how many kinds it listed again.

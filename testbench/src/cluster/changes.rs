@@ -116,6 +116,11 @@ impl Cluster {
         Ok(())
     }
 
+    /// What Pod Security admission says of `docs/deploy/`'s server pods.
+    pub fn pod_security(&self) -> Result<Vec<crate::controlplane::podsecurity::Verdict>> {
+        self.api()?.pod_security()
+    }
+
     /// Publishes a pod object claiming `ips` (nothing behind it).
     pub fn claim_pod(&self, name: &str, ips: &[std::net::IpAddr]) -> Result<()> {
         let node = self.node_net(1)?;

@@ -9,6 +9,7 @@
 
 mod admin;
 pub mod build;
+pub mod podsecurity;
 pub mod rbac;
 
 use std::net::{IpAddr, Ipv4Addr};
@@ -220,6 +221,8 @@ impl ControlPlane {
             .arg(format!("--service-account-key-file={}", f("sa.pub")))
             .arg(format!("--service-account-signing-key-file={}", f("sa.key")))
             .arg("--authorization-mode=RBAC")
+            // As kubeadm and kind run it: privileged pods exist where admission lets them.
+            .arg("--allow-privileged=true")
             .arg(format!("--service-cluster-ip-range={}", self.options.service_cidr))
             .arg(format!("--audit-policy-file={}", f("audit-policy.yaml")))
             .arg(format!("--audit-log-path={}", f("audit.log")))

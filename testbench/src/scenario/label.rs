@@ -61,6 +61,7 @@ impl Step {
             }
             Step::AddPod(AddPod { name, node: None }) => format!("add pod {name}"),
             Step::AddPod(AddPod { name, node: Some(n) }) => format!("add pod {name} on {n}"),
+            Step::PodSecurity(s) => format!("Pod Security admits {} first at {}", s.pod, s.lowest),
             Step::ClaimPod(s) => format!(
                 "the API claims pod {} at {}",
                 s.name,

@@ -301,6 +301,14 @@ pub fn check(topology: &Topology, steps: &[Step], profiles: &BTreeSet<String>) -
                 "cidr",
                 format!("{:?} is not an IPv4 network (like 10.100.0.0/24)", s.cidr),
             ),
+            Step::PodSecurity(_) if !topology.kubernetes => problem(
+                "do",
+                "pod-security needs a Kubernetes API; set [topology] kubernetes = true".into(),
+            ),
+            Step::PodSecurity(s) if !crate::controlplane::podsecurity::LEVELS.contains(&s.lowest.as_str()) => problem(
+                "lowest",
+                format!("{:?} is not a Pod Security level (restricted, baseline, privileged)", s.lowest),
+            ),
             Step::ClaimPod(_) if !topology.kubernetes => problem(
                 "do",
                 "claim-pod needs a Kubernetes API; set [topology] kubernetes = true".into(),

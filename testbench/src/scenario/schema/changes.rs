@@ -117,3 +117,22 @@ pub struct ClientRole {
     #[serde(default)]
     pub without: Vec<String>,
 }
+
+/// Create each server pod of `docs/deploy/teletun-servers.yaml` with a
+/// server-side dry run in namespaces enforcing each Pod Security level,
+/// strictest first: `pod` must be admitted first at `lowest`, and the level
+/// just stricter must refuse it for exactly the checks `stricter_refuses`
+/// (so that a manifest needing more is a failure).
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PodSecurity {
+    /// The pod's name in the manifest.
+    pub pod: String,
+    /// `restricted`, `baseline` or `privileged`.
+    pub lowest: String,
+    /// The kinds of check the level just stricter refuses, as the admission
+    /// names them ("host namespaces", "hostPath volumes", …); empty for
+    /// `restricted`.
+    #[serde(default)]
+    pub stricter_refuses: Vec<String>,
+}

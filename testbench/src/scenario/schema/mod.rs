@@ -133,6 +133,7 @@ steps! {
     "use-cluster" => UseCluster,
     "compact-api" => CompactApi,
     "client-role" => ClientRole,
+    "pod-security" => PodSecurity,
     "impair" => Impair,
     "no-corruption" => NoCorruption,
     "laptop-unchanged" => LaptopUnchanged,

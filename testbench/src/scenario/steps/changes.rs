@@ -6,7 +6,8 @@ use anyhow::{Context, Result};
 
 use super::super::case::Case;
 use super::super::schema::{
-    AddPod, AddService, AddServiceCidr, ClaimPod, ClientRole, RemoveNode, RemovePod, RemoveService, UseCluster,
+    AddPod, AddService, AddServiceCidr, ClaimPod, ClientRole, PodSecurity, RemoveNode, RemovePod, RemoveService,
+    UseCluster,
 };
 
 /// `add-pod`.
@@ -75,4 +76,33 @@ pub fn compact_api(case: &mut Case) -> Result<()> {
 /// `client-role`.
 pub fn client_role(case: &mut Case, s: &ClientRole) -> Result<()> {
     case.cluster().set_client_role(&s.without)
+}
+
+/// `pod-security`: the server pod's verdict, checked and reported.
+pub fn pod_security(case: &mut Case, s: &PodSecurity) -> Result<()> {
+    let verdicts = case.cluster().pod_security()?;
+    let v = verdicts
+        .iter()
+        .find(|v| v.pod == s.pod)
+        .with_context(|| format!("docs/deploy/teletun-servers.yaml has no pod {:?}", s.pod))?;
+    let said = |(level, checks): &(&str, Vec<String>)| format!("{level} refuses {}", checks.join(", "));
+    let report = std::iter::once(format!("first admitted at {}", v.lowest))
+        .chain(v.refused.iter().rev().map(said))
+        .collect::<Vec<_>>()
+        .join("; ");
+    if v.lowest != s.lowest {
+        anyhow::bail!("expected first at {}: {report}", s.lowest);
+    }
+    let stricter = v.refused.last().map(|(_, checks)| checks.clone()).unwrap_or_default();
+    let (mut want, mut got) = (s.stricter_refuses.clone(), stricter);
+    want.sort();
+    got.sort();
+    if want != got {
+        anyhow::bail!(
+            "the level stricter than {} refuses {got:?}, not {want:?}: {report}",
+            v.lowest
+        );
+    }
+    case.detail = Some(report);
+    Ok(())
 }

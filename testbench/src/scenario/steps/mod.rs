@@ -53,6 +53,7 @@ pub fn perform(case: &mut Case, step: &Step) -> Result<()> {
         Step::UseCluster(s) => changes::use_cluster(case, s),
         Step::CompactApi(_) => changes::compact_api(case),
         Step::ClientRole(s) => changes::client_role(case, s),
+        Step::PodSecurity(s) => changes::pod_security(case, s),
         Step::Impair(s) => impairment::impair(case, s),
         Step::NoCorruption(_) => impairment::no_corruption(case),
         Step::LaptopUnchanged(s) => state::laptop_unchanged(case, s),
