@@ -51,15 +51,32 @@ fn without_docker_and_kind_it_stops_at_once() {
 #[test]
 fn deploy_manifests_are_kubernetes_objects() {
     use k8s_openapi::api::core::v1::Pod;
+    use k8s_openapi::api::networking::v1::NetworkPolicy;
     use k8s_openapi::api::rbac::v1::{ClusterRole, Role};
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/deploy");
     let text = std::fs::read_to_string(root.join("teletun-servers.yaml")).unwrap();
     let docs: Vec<serde_json::Value> = serde_saphyr::from_multiple(&text).expect("valid YAML");
+    let docs: Vec<serde_json::Value> = docs.into_iter().filter(|d| !d.is_null()).collect();
     let pods: Vec<Pod> = docs
-        .into_iter()
-        .filter(|d| !d.is_null())
-        .map(|d| serde_json::from_value(d).expect("a Pod"))
+        .iter()
+        .filter(|d| d["kind"] == "Pod")
+        .map(|d| serde_json::from_value(d.clone()).expect("a Pod"))
         .collect();
+    // Nothing reaches the laptop at the pod's address until the user says so.
+    let policies: Vec<NetworkPolicy> = docs
+        .iter()
+        .filter(|d| d["kind"] == "NetworkPolicy")
+        .map(|d| serde_json::from_value(d.clone()).expect("a NetworkPolicy"))
+        .collect();
+    assert_eq!(policies.len(), 1);
+    let policy = policies[0].spec.as_ref().unwrap();
+    assert_eq!(
+        policy.pod_selector.as_ref().unwrap().match_labels.as_ref().unwrap()["app.kubernetes.io/name"],
+        "teletun-cluster"
+    );
+    assert_eq!(policy.policy_types.as_deref(), Some(&["Ingress".to_owned()][..]));
+    assert!(policy.ingress.as_ref().is_none_or(Vec::is_empty), "default deny");
+    assert_eq!(docs.len(), pods.len() + policies.len(), "only pods and the policy");
     let names: Vec<&str> = pods.iter().filter_map(|p| p.metadata.name.as_deref()).collect();
     assert_eq!(names, ["teletun-external", "teletun-cluster"]);
     let external = pods[0].spec.as_ref().unwrap();

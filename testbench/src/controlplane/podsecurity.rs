@@ -2,7 +2,7 @@
 //! pod is created with a server-side dry run (`dryRun=All`: admitted or
 //! refused, never stored) in namespaces enforcing each level, from the
 //! strictest, on the real kube-apiserver (its PodSecurity admission plugin is
-//! on by default).
+//! on by default); the manifest's NetworkPolicy must pass a dry run too.
 
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
@@ -54,15 +54,20 @@ pub fn refused_checks(message: &str) -> Vec<String> {
     checks
 }
 
-/// The manifest's pods, placeholders filled, as JSON.
-fn server_pods() -> Result<Vec<Value>> {
+/// The manifest's objects, placeholders filled, as JSON.
+fn server_objects() -> Result<Vec<Value>> {
     let text = SERVERS_YAML
         .replace("TELETUN_IMAGE", "teletun:testbench")
         .replace("TELETUN_PORT", "8443")
         .replace("TELETUN_PAIR", "pod-security");
     let docs: Vec<Value> =
         serde_saphyr::from_multiple(&text).context("docs/deploy/teletun-servers.yaml is not valid YAML")?;
-    let pods: Vec<Value> = docs.into_iter().filter(|d| d["kind"] == "Pod").collect();
+    Ok(docs.into_iter().filter(|d| !d.is_null()).collect())
+}
+
+/// The manifest's pods.
+fn server_pods() -> Result<Vec<Value>> {
+    let pods: Vec<Value> = server_objects()?.into_iter().filter(|d| d["kind"] == "Pod").collect();
     if pods.is_empty() {
         bail!("docs/deploy/teletun-servers.yaml holds no Pod");
     }
@@ -90,8 +95,26 @@ impl ControlPlane {
     }
 
     /// Each server pod's verdict: the strictest level whose namespace admits
-    /// it in a dry run, and what the stricter ones refused.
+    /// it in a dry run, and what the stricter ones refused. The manifest's
+    /// NetworkPolicy must pass a dry run too.
     pub fn pod_security(&self) -> Result<Vec<Verdict>> {
+        for policy in server_objects()?.into_iter().filter(|d| d["kind"] == "NetworkPolicy") {
+            let ns = self.pod_security_namespace("privileged")?;
+            let reply = self.request(
+                super::Target::Api,
+                "POST",
+                &format!("/apis/networking.k8s.io/v1/namespaces/{ns}/networkpolicies?dryRun=All"),
+                "application/json",
+                policy.to_string().into_bytes(),
+            )?;
+            if reply.status != 201 {
+                bail!(
+                    "the API refused the manifest's NetworkPolicy ({}): {}",
+                    reply.status,
+                    message_of(&reply)
+                );
+            }
+        }
         let mut verdicts = Vec::new();
         for mut pod in server_pods()? {
             let name = pod["metadata"]["name"]
