@@ -94,18 +94,27 @@ impl ControlPlane {
         Ok(ns)
     }
 
+    /// Creates `object` at `path` in a server-side dry run: admitted (201)
+    /// or refused, never stored.
+    fn dry_run(&self, path: &str, object: &Value) -> Result<super::admin::Reply> {
+        self.request(
+            super::Target::Api,
+            "POST",
+            &format!("{path}?dryRun=All"),
+            "application/json",
+            object.to_string().into_bytes(),
+        )
+    }
+
     /// Each server pod's verdict: the strictest level whose namespace admits
     /// it in a dry run, and what the stricter ones refused. The manifest's
     /// NetworkPolicy must pass a dry run too.
     pub fn pod_security(&self) -> Result<Vec<Verdict>> {
         for policy in server_objects()?.into_iter().filter(|d| d["kind"] == "NetworkPolicy") {
             let ns = self.pod_security_namespace("privileged")?;
-            let reply = self.request(
-                super::Target::Api,
-                "POST",
-                &format!("/apis/networking.k8s.io/v1/namespaces/{ns}/networkpolicies?dryRun=All"),
-                "application/json",
-                policy.to_string().into_bytes(),
+            let reply = self.dry_run(
+                &format!("/apis/networking.k8s.io/v1/namespaces/{ns}/networkpolicies"),
+                &policy,
             )?;
             if reply.status != 201 {
                 bail!(
@@ -126,13 +135,7 @@ impl ControlPlane {
             for level in LEVELS {
                 let ns = self.pod_security_namespace(level)?;
                 pod["metadata"]["namespace"] = json!(ns);
-                let reply = self.request(
-                    super::Target::Api,
-                    "POST",
-                    &format!("/api/v1/namespaces/{ns}/pods?dryRun=All"),
-                    "application/json",
-                    pod.to_string().into_bytes(),
-                )?;
+                let reply = self.dry_run(&format!("/api/v1/namespaces/{ns}/pods"), &pod)?;
                 match reply.status {
                     201 => {
                         lowest = Some(level);
