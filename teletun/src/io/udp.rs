@@ -246,14 +246,27 @@ pub struct PeerReader<'a> {
 }
 
 impl PeerReader<'_> {
-    /// The current address.
-    pub fn get(&mut self) -> Option<SocketAddr> {
+    /// How many times the address has moved: a sender that counts before
+    /// sealing a batch compares with [`Self::current`]'s count after, and
+    /// holds the batch back if it moved meanwhile (what was sealed may have
+    /// been judged for the old address).
+    pub fn moves(&self) -> u64 {
+        self.cell.generation.load(Ordering::Acquire)
+    }
+
+    /// The current address, and the count of moves it is the address after.
+    pub fn current(&mut self) -> (Option<SocketAddr>, u64) {
         let g = self.cell.generation.load(Ordering::Acquire);
         if g != self.seen {
             self.seen = g;
             self.cached = self.cell.address.lock().map(|a| *a).unwrap_or(self.cached);
         }
-        self.cached
+        (self.cached, g)
+    }
+
+    /// The current address.
+    pub fn get(&mut self) -> Option<SocketAddr> {
+        self.current().0
     }
 }
 

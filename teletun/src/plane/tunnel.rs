@@ -64,10 +64,18 @@ pub(super) fn run_outbound<S: PacketSource>(
             }
             let bytes: usize = batch.iter().map(<[u8]>::len).sum();
             clamp_syns(&mut batch, path);
+            let moves = dest.moves();
             let sealed = outbound.encapsulate(tunnel::now(), &mut batch).map_err(to_io)?;
-            let refused = udp.send(&batch, dest.get())?;
-            DirectionStats::add(&stats.refused, sealed.oversize + sealed.unvalidated + refused);
-            DirectionStats::add(&stats.packets, sealed.sealed - refused);
+            // The peer moved while the batch was sealed: what it may be sent
+            // was judged for the old address, so the batch is held back
+            // (rare: one batch at a move) rather than sent past the new
+            // address's limit (tunnel/validation.rs).
+            let (refused, held) = match dest.current() {
+                (to, now) if now == moves => (udp.send(&batch, to)?, 0),
+                _ => (0, sealed.sealed),
+            };
+            DirectionStats::add(&stats.refused, sealed.oversize + sealed.unvalidated + refused + held);
+            DirectionStats::add(&stats.packets, sealed.sealed - refused - held);
             DirectionStats::add(&stats.bytes, bytes);
             // A busy sender still keeps its timers.
             if stop.is_stopped() || tunnel::now() >= outbound.poll_timeout() {
@@ -151,6 +159,8 @@ pub(super) fn run_inbound<K: FrameSink>(
             }
             if let Some(moved) = opened.peer_moved {
                 peer.set(moved);
+                // Only now, with the address moved, may a proven one lift the limit.
+                inbound.moved_back();
                 if let Some(line) = moves.note(moved, now) {
                     tracing::info!("{line}");
                 }

@@ -211,4 +211,9 @@ pub trait Inbound: Send {
         packets: &mut PacketRefs,
         reply: &mut PacketBatch,
     ) -> Result<Decapsulated, TunnelError>;
+
+    /// Called once the sender's address follows a `peer_moved`: a move back
+    /// to an address proven before lifts the limit on what it is sent only
+    /// then, so that no batch judged unlimited goes to the address left.
+    fn moved_back(&mut self) {}
 }

@@ -98,11 +98,13 @@ impl PathValidation {
     /// `received` bytes: a budget of three times that, and a new challenge.
     pub fn moved(&self, received: usize) {
         self.token.store(token(), Ordering::Relaxed);
-        self.budget.store(AMPLIFICATION * received as i64, Ordering::Relaxed);
+        // Release: a sender that sees the address moved sees this limit too.
+        self.budget.store(AMPLIFICATION * received as i64, Ordering::Release);
         self.challenge_due.store(true, Ordering::Release);
     }
 
-    /// The peer moved back to an address validated before.
+    /// The peer moved back to an address validated before (called once the
+    /// sender's address is that one).
     pub fn returned(&self) {
         self.validated();
     }
@@ -111,14 +113,13 @@ impl PathValidation {
     /// times `received`.
     pub fn earned(&self, received: usize) {
         if self.is_limited() {
-            self.budget
-                .fetch_add(AMPLIFICATION * received as i64, Ordering::Relaxed);
+            self.budget.fetch_add(AMPLIFICATION * received as i64, Ordering::AcqRel);
         }
     }
 
     /// Whether the current address is not validated yet.
     pub fn is_limited(&self) -> bool {
-        self.budget.load(Ordering::Relaxed) != UNLIMITED
+        self.budget.load(Ordering::Acquire) != UNLIMITED
     }
 
     /// Takes `bytes` from the budget; false (nothing taken) if it has not
@@ -126,7 +127,7 @@ impl PathValidation {
     pub fn spend(&self, bytes: usize) -> bool {
         let bytes = bytes as i64;
         self.budget
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| {
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |b| {
                 if b == UNLIMITED {
                     Some(b)
                 } else {
@@ -150,7 +151,8 @@ impl PathValidation {
     fn validated(&self) {
         self.token.store(0, Ordering::Relaxed);
         self.challenge_due.store(false, Ordering::Relaxed);
-        self.budget.store(UNLIMITED, Ordering::Relaxed);
+        // Release: a sender that sees no limit sees the address it is for.
+        self.budget.store(UNLIMITED, Ordering::Release);
     }
 
     /// The peer challenged us: the response is owed.

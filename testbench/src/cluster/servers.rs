@@ -113,7 +113,7 @@ pub fn start_server_cluster(teletun: &Path, files: &Files, pod: &Pod, resolv_con
     let mut cmd = pod.ns.cmd("sh");
     cmd.args([
         "-c",
-        "mount --bind /proc/sys /proc/sys && mount -o remount,bind,ro /proc/sys && exec setpriv --bounding-set=-all,+net_admin -- \"$0\" \"$@\"",
+        "mount --bind /proc/sys /proc/sys && mount -o remount,bind,ro /proc/sys && exec setpriv --inh-caps=-all --bounding-set=-all,+net_admin -- \"$0\" \"$@\"",
     ])
     .arg(teletun);
     cmd.arg("server-cluster")

@@ -573,6 +573,7 @@ impl DtlsHandshake {
                 // The handshake's address answered a cookie: validated.
                 validated_peer: self.bound,
                 validation,
+                returning: false,
                 path: path.clone(),
             }),
             peer: self.bound,
@@ -777,8 +778,15 @@ impl Outbound for DtlsOutbound {
             // A challenge or a response: now, not at the next heartbeat.
             return Time::ZERO;
         }
-        let live = self.liveness.poll_timeout();
-        self.prober.poll_timeout().map_or(live, |p| p.min(live))
+        let mut due = self.liveness.poll_timeout();
+        if let Some(p) = self.prober.poll_timeout() {
+            due = due.min(p);
+        }
+        // An unanswered challenge is sent again on time, busy or not.
+        if let (true, Some(last)) = (self.validation.is_limited(), self.last_challenge) {
+            due = due.min(last + validation::RECHALLENGE_AFTER);
+        }
+        due
     }
 
     fn handle_timeout(&mut self, now: Time, out: &mut PacketBatch) -> Result<(), TunnelError> {
@@ -849,6 +857,8 @@ struct DtlsInbound {
     /// the cookie exchange, or by answering a challenge).
     validated_peer: Option<SocketAddr>,
     validation: Arc<PathValidation>,
+    /// The last move was back to `validated_peer`.
+    returning: bool,
 }
 
 impl DtlsInbound {
@@ -866,6 +876,12 @@ impl DtlsInbound {
 }
 
 impl Inbound for DtlsInbound {
+    fn moved_back(&mut self) {
+        if std::mem::take(&mut self.returning) {
+            self.validation.returned();
+        }
+    }
+
     fn decapsulate(
         &mut self,
         now: Time,
@@ -899,10 +915,11 @@ impl Inbound for DtlsInbound {
                                 self.peer = from;
                                 done.peer_moved = from;
                                 from_peer = true;
-                                if from == self.validated_peer {
-                                    self.validation.returned();
-                                } else {
-                                    self.validation.moved(datagram_end - at);
+                                // Back to a proven address: lifted in `moved_back`,
+                                // after the sender's address has moved.
+                                self.returning = from == self.validated_peer;
+                                if !self.returning {
+                                    self.validation.moved(used);
                                 }
                             } else if from_peer && self.validation.is_limited() {
                                 self.validation.earned(used);
@@ -1133,6 +1150,10 @@ mod tests {
         let mut refs = PacketRefs::default();
         let mut reply = PacketBatch::with_capacity(16, 2048);
         let r = to.inbound.decapsulate(now, &mut b, &mut refs, &mut reply).unwrap();
+        if r.peer_moved.is_some() {
+            // As the data plane does once the sender's address moved.
+            to.inbound.moved_back();
+        }
         (
             refs.packets(&b).map(<[u8]>::to_vec).collect(),
             r,
@@ -1581,7 +1602,18 @@ mod tests {
         let (mut c, mut s) = handshakes(&k, "client", "server", "server", "client");
         exchange(&mut c, &mut s, |_, _| false);
         let (mut client, mut server) = sessions(&mut c, &mut s);
-        let now = crate::tunnel::now();
+        // Past the path probes of the session's start, so that only the
+        // heartbeat and the challenge keep the server's timers.
+        let t0 = crate::tunnel::now();
+        let mut out = PacketBatch::new();
+        for ms in (0..=600).step_by(100) {
+            out.clear();
+            server
+                .outbound
+                .handle_timeout(t0 + Duration::from_millis(ms), &mut out)
+                .unwrap();
+        }
+        let now = t0 + Duration::from_millis(600);
         let d = seal(&mut client, now, &packets(2));
         let spoofed: SocketAddr = "198.51.100.9:5555".parse().unwrap();
         let replayed = d[0].clone();
@@ -1601,16 +1633,45 @@ mod tests {
         );
         assert_eq!((r.sealed + r.unvalidated, b.len()), (64, r.sealed));
         assert!(r.unvalidated >= 62, "{r:?}");
-        // The challenge goes out at once, not at the next heartbeat.
+        // The challenge goes out at once, not at the next heartbeat: the
+        // client, opening what went out, owes a response.
         assert_eq!(server.outbound.poll_timeout(), Time::ZERO);
-        let mut out = PacketBatch::new();
+        out.clear();
         server.outbound.handle_timeout(now, &mut out).unwrap();
-        assert!(!out.is_empty());
+        open(&mut client, now, &datagrams(&out), None);
+        assert_eq!(
+            client.outbound.poll_timeout(),
+            Time::ZERO,
+            "no challenge reached the client"
+        );
+        // Its response is lost. Traffic goes on from the spoofed address
+        // (which earns a budget and is sent within it), putting the
+        // heartbeat off; the challenge is sent again on time all the same.
+        let mut lost = PacketBatch::new();
+        client.outbound.handle_timeout(now, &mut lost).unwrap();
+        let later = now + Duration::from_millis(200);
+        let more = seal(&mut client, later, &packets(8));
+        open(&mut server, later, &more[..7], Some(spoofed));
+        let mut small = batch_of(&[vec![0x45; 40]]);
+        assert_eq!(server.outbound.encapsulate(later, &mut small).unwrap().sealed, 1);
+        let again = server.outbound.poll_timeout();
+        assert!(
+            again <= now + validation::RECHALLENGE_AFTER,
+            "not sent again on time: {again:?}"
+        );
+        out.clear();
+        server.outbound.handle_timeout(again, &mut out).unwrap();
+        open(&mut client, again, &datagrams(&out), None);
+        assert_eq!(
+            client.outbound.poll_timeout(),
+            Time::ZERO,
+            "the challenge was not sent again"
+        );
         // The client's next record, from its own address, moves the session back.
-        let (_, r, _) = open(&mut server, now, &d[1..2], Some(client_addr()));
+        let (_, r, _) = open(&mut server, later, &more[7..], Some(client_addr()));
         assert_eq!(r.peer_moved, Some(client_addr()));
         let mut b = downstream();
-        assert_eq!(server.outbound.encapsulate(now, &mut b).unwrap().sealed, 64);
+        assert_eq!(server.outbound.encapsulate(later, &mut b).unwrap().sealed, 64);
     }
 
     /// A NAT that rebinds: the client's records come from a new address, it
