@@ -427,7 +427,7 @@ pub async fn run(config: ServerClusterConfig) -> Result<()> {
                 &greeting,
                 &hello.addresses,
                 config.peer_uid,
-                config.link_key.as_ref(),
+                config.link_key.map(Arc::new),
             )
             .await
         }
@@ -477,7 +477,7 @@ async fn serve(
     greeting: &[u8],
     pod_addresses: &[IpAddr],
     peer_uid: u32,
-    link_key: Option<&crate::keys::LinkKey>,
+    link_key: Option<Arc<crate::keys::LinkKey>>,
 ) -> Result<()> {
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
@@ -485,6 +485,9 @@ async fn serve(
     // SAFETY: the AsyncFd owns the socket, so its descriptor stays open and the same until it is dropped.
     let listener = unsafe { tokio::io::unix::AsyncFd::register(listener) }
         .map_err(|e| anyhow!("cannot watch the socket: {}", e.into_parts().1))?;
+    // Connections proving the link key, each on a blocking thread of its own:
+    // one that stays silent holds only itself up, not the one that answers.
+    let mut proving = tokio::task::JoinSet::new();
     loop {
         let (sock, cred) = tokio::select! {
             r = listener.readable() => {
@@ -494,6 +497,24 @@ async fn serve(
                     None => continue,
                 }
             }
+            Some(proven) = proving.join_next(), if !proving.is_empty() => match proven {
+                Ok((link, _, Ok(()))) => {
+                    // The others are not waited for: their links close when they end.
+                    proving = tokio::task::JoinSet::new();
+                    if relay(&listener, link, tun, greeting, pod_addresses, (&mut sigint, &mut sigterm)).await? {
+                        return Ok(());
+                    }
+                    continue;
+                }
+                Ok((_, pid, Err(e))) => {
+                    warn!("refused a connection on {} from pid {pid}: {e:#}", describe(&listener));
+                    continue;
+                }
+                Err(e) => {
+                    warn!("a link authentication ended: {e}");
+                    continue;
+                }
+            },
             _ = sigint.recv() => return Ok(()),
             _ = sigterm.recv() => return Ok(()),
         };
@@ -515,11 +536,50 @@ async fn serve(
             }
         };
         let link = Arc::new(SeqPacket::new(sock)?);
-        // Blocking for at most a few seconds: nothing else runs until a peer is linked.
-        if let Some(Err(e)) = link_key.map(|key| link_auth::prove_cluster(&link, key)) {
-            warn!("refused a connection on {} from pid {pid}: {e:#}", describe(&listener));
-            continue;
+        match &link_key {
+            Some(_) if proving.len() >= MAX_PROVING => warn!(
+                "refused a connection on {} from pid {pid}: {MAX_PROVING} others are proving the link key",
+                describe(&listener)
+            ),
+            Some(key) => {
+                let key = key.clone();
+                proving.spawn_blocking(move || {
+                    let proven = link_auth::prove_cluster(&link, &key);
+                    (link, pid, proven)
+                });
+            }
+            None => {
+                if relay(
+                    &listener,
+                    link,
+                    tun,
+                    greeting,
+                    pod_addresses,
+                    (&mut sigint, &mut sigterm),
+                )
+                .await?
+                {
+                    return Ok(());
+                }
+            }
         }
+    }
+}
+
+/// Connections that may prove the link key at once.
+const MAX_PROVING: usize = 8;
+
+/// Greets a linked server-external and relays for it until the link ends
+/// (false: accept the next) or SIGINT or SIGTERM says stop (true).
+async fn relay(
+    listener: &tokio::io::unix::AsyncFd<socket2::Socket>,
+    link: Arc<SeqPacket>,
+    tun: &Arc<Tun>,
+    greeting: &[u8],
+    pod_addresses: &[IpAddr],
+    (sigint, sigterm): (&mut tokio::signal::unix::Signal, &mut tokio::signal::unix::Signal),
+) -> Result<bool> {
+    {
         let capabilities = tun.capabilities();
         let params = LinkParams {
             tcp: capabilities.tcp,
@@ -530,7 +590,7 @@ async fn serve(
             .and_then(|()| link.send_message(&params.encode(), Duration::from_secs(5)));
         if let Err(e) = greeted {
             warn!("cannot greet server-external: {e}");
-            continue;
+            return Ok(false);
         }
         info!("server-external connected");
         let mut plane = DataPlane::relay(
@@ -551,11 +611,11 @@ async fn serve(
                 }
                 r = listener.readable() => {
                     let mut guard = r?;
-                    if let Some((second, cred)) = accept_one(&listener, &mut guard) {
+                    if let Some((second, cred)) = accept_one(listener, &mut guard) {
                         let who = cred.map_or("an unknown process".into(), |(uid, pid)| format!("pid {pid} (uid {uid})"));
                         warn!(
                             "refused a second connection on {} from {who}: server-external is connected",
-                            describe(&listener)
+                            describe(listener)
                         );
                         drop(second);
                     }
@@ -571,8 +631,6 @@ async fn serve(
             tun.unsplittable()
         );
         tokio::task::spawn_blocking(move || plane.stop()).await?;
-        if stop {
-            return Ok(());
-        }
+        Ok(stop)
     }
 }

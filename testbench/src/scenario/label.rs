@@ -114,6 +114,9 @@ impl Step {
             Step::Throughput(s) => format!("throughput {} ({} s)", s.name, s.seconds),
             Step::Forge(s) => format!("{} forged packets {} are dropped", s.count, s.way),
             Step::PlantRecord(s) => format!("a planted takeover record ({}) is discarded", s.record),
+            Step::ConnectLink(s) if s.intruder == LinkIntruder::Silent => {
+                "server-external links up beside connections that never answer the link key's challenge".into()
+            }
             Step::ConnectLink(s) if s.intruder == LinkIntruder::OtherPair => {
                 "another pair's server-external on the node never links up with this pair's server-cluster".into()
             }

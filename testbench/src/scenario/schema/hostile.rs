@@ -68,6 +68,9 @@ closed_set! {
         /// Another pair's server-external (its own keys and link key) on the
         /// same node, while this pair's is stopped: refused on both ends.
         OtherPair = "other-pair",
+        /// Processes of server-external's uid that connect and stay silent,
+        /// while this pair's server-external is stopped: it links up all the same.
+        Silent = "silent",
     }
 }
 
@@ -174,7 +177,10 @@ pub struct PlantRecord {
 /// linked; the intruder must get nothing (no greeting, no packets), and
 /// server-external's link must live on. With `as = "other-pair"`, another
 /// pair's server-external tries while this pair's is stopped: both ends
-/// refuse, and this pair's links up again.
+/// refuse, and this pair's links up again. With `as = "silent"`, three
+/// connections that never answer the link key's challenge are held open
+/// while this pair's server-external starts: it must link up while they are
+/// held (10 s).
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ConnectLink {

@@ -14,8 +14,10 @@ use crate::exec;
 
 /// `connect-link`: an intruder on the AF_UNIX socket gets nothing.
 pub fn connect_link(case: &mut Case, s: &ConnectLink) -> Result<()> {
-    if s.intruder == LinkIntruder::OtherPair {
-        return other_pair(case);
+    match s.intruder {
+        LinkIntruder::OtherPair => return other_pair(case),
+        LinkIntruder::Silent => return silent(case),
+        LinkIntruder::Nobody | LinkIntruder::SameUid => {}
     }
     let went_away = |case: &mut Case| -> Result<usize> {
         Ok(case
@@ -49,7 +51,7 @@ pub fn connect_link(case: &mut Case, s: &ConnectLink) -> Result<()> {
     let expected = match s.intruder {
         LinkIntruder::Nobody => got.starts_with("refused:") && got.contains("os error 13"),
         LinkIntruder::SameUid => got == "closed",
-        LinkIntruder::OtherPair => unreachable!("handled above"),
+        LinkIntruder::OtherPair | LinkIntruder::Silent => unreachable!("handled above"),
     };
     if !expected {
         bail!("the intruder's connection: {got}");
@@ -116,4 +118,29 @@ fn other_pair(case: &mut Case) -> Result<()> {
         }
         Err(e) => bail!("{e}"),
     }
+}
+
+/// Silent connections (of server-external's uid: the testbench's own) hold
+/// the socket while this pair's server-external is stopped and started
+/// again: it must link up while they are still held, each of them waiting
+/// out its own challenge rather than the one server-external answers.
+fn silent(case: &mut Case) -> Result<()> {
+    let cluster = case.cluster_mut();
+    let ours = cluster.process_mut("server-external")?;
+    ours.signal(libc::SIGTERM);
+    ours.wait(Duration::from_secs(10))?;
+    let sockfile = cluster.sockfile();
+    let held: Vec<teletun::io::seqpacket::SeqPacket> = (0..3)
+        .map(|_| teletun::io::seqpacket::SeqPacket::connect(&sockfile))
+        .collect::<std::io::Result<_>>()?;
+    let started = Instant::now();
+    // Waits (10 s at most) until it is linked.
+    cluster.start_server_external(Pair::This)?;
+    let linked_in = started.elapsed();
+    drop(held);
+    case.detail = Some(format!(
+        "linked in {} ms beside 3 silent connections",
+        linked_in.as_millis()
+    ));
+    Ok(())
 }
