@@ -150,12 +150,10 @@ impl Netlink {
         let mut msg = rtnetlink::LinkUnspec::new_with_index(index).build();
         msg.attributes
             .push(rtnetlink::packet_route::link::LinkAttribute::GsoMaxSegs(segments));
-        self.handle
-            .link()
-            .set(msg)
-            .execute()
-            .await
-            .with_context(|| format!("cannot set gso_max_segs {segments} on interface {index}"))
+        self.set_link(msg, || {
+            format!("cannot set gso_max_segs {segments} on interface {index}")
+        })
+        .await
     }
 
     /// Sets one IPv4 parameter of interface `index` (`net.ipv4.conf.IFACE.*`,
@@ -175,23 +173,26 @@ impl Netlink {
         let mut msg = rtnetlink::LinkUnspec::new_with_index(index).build();
         msg.attributes
             .push(LinkAttribute::AfSpecUnspec(vec![AfSpecUnspec::Inet(vec![conf])]));
-        self.handle
-            .link()
-            .set(msg)
-            .execute()
-            .await
-            .with_context(|| format!("cannot set IPv4 parameter {param} to {value} on interface {index}"))
+        self.set_link(msg, || {
+            format!("cannot set IPv4 parameter {param} to {value} on interface {index}")
+        })
+        .await
     }
 
     /// Sets interface `index`'s MTU.
     pub async fn set_mtu(&self, index: u32, mtu: u32) -> Result<()> {
         let msg = rtnetlink::LinkUnspec::new_with_index(index).mtu(mtu).build();
-        self.handle
-            .link()
-            .set(msg)
-            .execute()
+        self.set_link(msg, || format!("cannot set MTU {mtu} on interface {index}"))
             .await
-            .with_context(|| format!("cannot set MTU {mtu} on interface {index}"))
+    }
+
+    /// Sends one RTM_SETLINK; `what` says what failed.
+    async fn set_link(
+        &self,
+        msg: rtnetlink::packet_route::link::LinkMessage,
+        what: impl FnOnce() -> String,
+    ) -> Result<()> {
+        self.handle.link().set(msg).execute().await.with_context(what)
     }
 
     /// Adds `address/prefix` to interface `index`. IPv6 addresses skip duplicate

@@ -1120,6 +1120,14 @@ mod tests {
         (c, s)
     }
 
+    /// A client and a server session after a handshake of pinned keys.
+    fn established() -> (Session, Session) {
+        let k = Keys::new();
+        let (mut c, mut s) = handshakes(&k, "client", "server", "server", "client");
+        exchange(&mut c, &mut s, |_, _| false);
+        sessions(&mut c, &mut s)
+    }
+
     fn batch_of(packets: &[Vec<u8>]) -> PacketBatch {
         let mut b = PacketBatch::new();
         for p in packets {
@@ -1132,7 +1140,7 @@ mod tests {
     fn seal(from: &mut Session, now: Time, packets: &[Vec<u8>]) -> Vec<Vec<u8>> {
         let mut b = batch_of(packets);
         from.outbound.encapsulate(now, &mut b).unwrap();
-        b.iter().map(<[u8]>::to_vec).collect()
+        datagrams(&b)
     }
 
     /// Opens `datagrams` (each a buffer of its own, from `peer`) with `to`.
@@ -1167,10 +1175,7 @@ mod tests {
 
     #[test]
     fn handshake_then_packets_both_ways_once_each() {
-        let k = Keys::new();
-        let (mut c, mut s) = handshakes(&k, "client", "server", "server", "client");
-        exchange(&mut c, &mut s, |_, _| false);
-        let (mut client, mut server) = sessions(&mut c, &mut s);
+        let (mut client, mut server) = established();
         assert_eq!(server.peer, Some(client_addr()));
         assert!(
             client.description.starts_with("DTLS 1.2 ECDHE-ECDSA-AES"),
@@ -1211,10 +1216,7 @@ mod tests {
 
     #[test]
     fn a_gro_buffer_of_several_datagrams_opens_in_place() {
-        let k = Keys::new();
-        let (mut c, mut s) = handshakes(&k, "client", "server", "server", "client");
-        exchange(&mut c, &mut s, |_, _| false);
-        let (mut client, mut server) = sessions(&mut c, &mut s);
+        let (mut client, mut server) = established();
         let now = crate::tunnel::now();
         // IP packets: the version nibble first (never a heartbeat, probe or report).
         let sent: Vec<Vec<u8>> = (0..6u8)
@@ -1495,10 +1497,7 @@ mod tests {
 
     #[test]
     fn heartbeats_silence_and_close_on_a_fake_clock() {
-        let k = Keys::new();
-        let (mut c, mut s) = handshakes(&k, "client", "server", "server", "client");
-        exchange(&mut c, &mut s, |_, _| false);
-        let (mut client, mut server) = sessions(&mut c, &mut s);
+        let (mut client, mut server) = established();
         // The halves were made at real `now`; a fake clock starts there.
         let t0 = crate::tunnel::now();
         // First a round of path probes, due at once; the peer takes them
@@ -1562,10 +1561,7 @@ mod tests {
 
     #[test]
     fn only_the_newest_authentic_record_moves_the_peer() {
-        let k = Keys::new();
-        let (mut c, mut s) = handshakes(&k, "client", "server", "server", "client");
-        exchange(&mut c, &mut s, |_, _| false);
-        let (mut client, mut server) = sessions(&mut c, &mut s);
+        let (mut client, mut server) = established();
         let now = crate::tunnel::now();
         let d = seal(&mut client, now, &packets(3));
         let roamed: SocketAddr = "198.51.100.9:5555".parse().unwrap();
@@ -1598,10 +1594,7 @@ mod tests {
     /// session back to its own address, with no limit.
     #[test]
     fn a_replayed_record_draws_at_most_three_times_its_size_to_the_spoofed_address() {
-        let k = Keys::new();
-        let (mut c, mut s) = handshakes(&k, "client", "server", "server", "client");
-        exchange(&mut c, &mut s, |_, _| false);
-        let (mut client, mut server) = sessions(&mut c, &mut s);
+        let (mut client, mut server) = established();
         // Past the path probes of the session's start, so that only the
         // heartbeat and the challenge keep the server's timers.
         let t0 = crate::tunnel::now();
@@ -1679,10 +1672,7 @@ mod tests {
     /// A response replayed from elsewhere proves nothing.
     #[test]
     fn a_rebound_client_answers_the_challenge_and_is_sent_everything() {
-        let k = Keys::new();
-        let (mut c, mut s) = handshakes(&k, "client", "server", "server", "client");
-        exchange(&mut c, &mut s, |_, _| false);
-        let (mut client, mut server) = sessions(&mut c, &mut s);
+        let (mut client, mut server) = established();
         let now = crate::tunnel::now();
         let rebound: SocketAddr = "203.0.113.50:40000".parse().unwrap();
         let d = seal(&mut client, now, &packets(1));
